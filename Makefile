@@ -1,0 +1,26 @@
+# The two commands of the README: `make test` and (once it exists) `make demo`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: test test-fast venv clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-test.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-test.txt -c constraints.txt
+	touch $(STAMP)
+
+# The whole suite, as CI runs it.
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+clean-venv:
+	rm -rf $(VENV)
