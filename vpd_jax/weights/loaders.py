@@ -1,0 +1,170 @@
+"""`load_unet`, `load_vae`, `load_text_encoder`: a module and its params from a checkpoint on disk.
+
+`path` may be
+  * a model folder: `config.json` + weights (`*.safetensors`, sharded `*.safetensors.index.json`, or a torch
+    `*.bin` read with weights_only), as written by diffusers / transformers `save_pretrained`;
+  * a diffusers pipeline root: its `unet/`, `vae/` or `text_encoder/` subfolder is used;
+  * one weights file. For the UNet and the VAE this may be a CompVis single-file SD checkpoint (`.safetensors`
+    or `.ckpt`; the config is inferred from tensor shapes, see `vpd_jax.weights.ldm`); a file in diffusers /
+    transformers layout takes its config from `config=` or from a `config.json` next to it.
+`config=` (a dict or the path of a config.json) replaces the folder's or the inferred config.
+
+Loading is strict (`vpd_jax.weights.convert`). What is deliberately not loaded is listed per model below.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from vpd_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from vpd_jax.models.tokenizer import load_tokenizer  # noqa: F401  (re-exported by vpd_jax.weights)
+from vpd_jax.models.vae import AutoencoderKLEncoder, VAEConfig
+from vpd_jax.weights import ldm
+from vpd_jax.weights.convert import abstract_params, convert_state_dict
+from vpd_jax.weights.io import StateDict, find_weights_file, read_state_dict
+
+ConfigArg = Mapping[str, Any] | str | os.PathLike | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    """How one model type is found and renamed."""
+
+    subfolder: str  # in a diffusers pipeline root
+    # Regexes of keys deliberately not loaded (matched at the start of the diffusers / transformers name).
+    ignore: tuple[str, ...] = ()
+    # Fixes for older diffusers / transformers layouts of the same model: state -> state.
+    normalize: Callable[[StateDict], StateDict] = lambda state: state
+    # CompVis single files: (predicate on the file's keys, state -> (renamed, diffusers->file key, inferred config)).
+    is_ldm: Callable[[StateDict], bool] | None = None
+    from_ldm: Callable[[StateDict, str], tuple[StateDict, dict[str, str], Callable[[], dict]]] | None = None
+
+
+def _unet_from_ldm(state: StateDict, source: str):
+    prefixed = any(k.startswith(ldm.UNET_PREFIX) for k in state)
+    unet = ldm.select_component(state, ldm.UNET_PREFIX, "UNet", source) if prefixed else state
+    renamed, origin = ldm.unet_ldm_to_diffusers(unet)
+    prefix = ldm.UNET_PREFIX if prefixed else ""
+    return renamed, {k: prefix + v for k, v in origin.items()}, lambda: ldm.infer_unet_config(unet)
+
+
+def _vae_from_ldm(state: StateDict, source: str):
+    prefixed = any(k.startswith(ldm.VAE_PREFIX) for k in state)
+    vae = ldm.split_vae(state, source)
+    renamed, origin = ldm.vae_ldm_to_diffusers(vae)
+    prefix = ldm.VAE_PREFIX if prefixed else ""
+    return renamed, {k: prefix + v for k, v in origin.items()}, lambda: ldm.infer_vae_config(vae)
+
+
+# diffusers < 0.14 named the VAE mid-block attention query/key/value/proj_attn; SD v1.5's hub files still do.
+_LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _rename_legacy_vae_attention(state: StateDict) -> StateDict:
+    out = {}
+    for key, value in state.items():
+        head, sep, tail = key.partition(".mid_block.attentions.0.")
+        module, dot, leaf = tail.partition(".")
+        if sep and module in _LEGACY_VAE_ATTENTION:
+            key = f"{head}{sep}{_LEGACY_VAE_ATTENTION[module]}{dot}{leaf}"
+        out[key] = value
+    return out
+
+
+def _add_text_model_prefix(state: StateDict) -> StateDict:
+    """transformers 5 saves a CLIPTextModel without the `text_model.` prefix that 4.x (and every SD checkpoint)
+    has; the Flax tree keeps the prefix."""
+    if any(k.startswith("text_model.") for k in state):
+        return state
+    return {f"text_model.{k}": v for k, v in state.items()}
+
+
+_UNET = _Kind("unet", is_ldm=lambda s: any(k.startswith((ldm.UNET_PREFIX, "input_blocks.")) for k in s),
+              from_ldm=_unet_from_ldm)
+_VAE = _Kind(
+    "vae",
+    # Only the encoder is built (spec/vpd.md 1.1: the decoder is deleted and unused).
+    ignore=(r"decoder\.", r"post_quant_conv\."),
+    normalize=_rename_legacy_vae_attention,
+    is_ldm=lambda s: any(k.startswith((ldm.VAE_PREFIX, "encoder.down.")) for k in s),
+    from_ldm=_vae_from_ldm,
+)
+_TEXT = _Kind(
+    "text_encoder",
+    ignore=(
+        r"text_model\.embeddings\.position_ids$",  # a buffer (arange), saved by transformers < 4.31
+        # The other half of a full CLIPModel folder (e.g. openai/clip-vit-large-patch14), and projections.
+        r"vision_model\.", r"visual_projection\.", r"text_projection\.", r"logit_scale$",
+    ),
+    normalize=_add_text_model_prefix,
+)
+
+
+def _read_config(config: ConfigArg) -> dict | None:
+    if config is None or isinstance(config, Mapping):
+        return None if config is None else dict(config)
+    with open(config) as f:
+        return json.load(f)
+
+
+def _resolve(path: str | os.PathLike, kind: _Kind) -> str:
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    for folder in (path, os.path.join(path, kind.subfolder)):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return folder
+    raise FileNotFoundError(
+        f"{path}: neither a model folder (config.json + weights) nor a pipeline root with {kind.subfolder}/config.json")
+
+
+def _load_state_and_config(path, kind: _Kind, config: ConfigArg) -> tuple[StateDict, dict, dict | None, str]:
+    """(state dict in diffusers / transformers naming, config dict, renamed key -> file key, source)."""
+    target = _resolve(path, kind)
+    override = _read_config(config)
+    if os.path.isdir(target):
+        weights = find_weights_file(target)
+        state = kind.normalize(read_state_dict(weights))
+        return state, override or _read_config(os.path.join(target, "config.json")), None, weights
+    state = read_state_dict(target)
+    if kind.is_ldm is not None and kind.is_ldm(state):
+        renamed, origin, infer_config = kind.from_ldm(state, target)
+        return renamed, override or infer_config(), origin, target
+    sibling = os.path.join(os.path.dirname(target), "config.json")
+    if override is None and not os.path.isfile(sibling):
+        raise FileNotFoundError(f"{target}: a weights file without CompVis keys needs config= or a config.json next to it")
+    return kind.normalize(state), override or _read_config(sibling), None, target
+
+
+def _load(path, kind: _Kind, config: ConfigArg, build: Callable[[dict], Any]):
+    state, config_dict, origin, source = _load_state_and_config(path, kind, config)
+    module = build(config_dict)
+    params = convert_state_dict(state, abstract_params(module), source=source, ignore=kind.ignore, key_origin=origin)
+    return module, jax.tree.map(jnp.asarray, params)
+
+
+def load_unet(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None, **module_kwargs):
+    """(UNet2DConditionModel, params) from a diffusers unet folder, a pipeline root or a CompVis SD file."""
+    from vpd_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    return _load(path, _UNET, config, lambda c: UNet2DConditionModel(
+        config=UNetConfig.from_dict(c), dtype=dtype, param_dtype=param_dtype, **module_kwargs))
+
+
+def load_vae(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None, **module_kwargs):
+    """(AutoencoderKLEncoder, params) from a diffusers vae folder, a pipeline root or a CompVis SD / VAE file."""
+    return _load(path, _VAE, config, lambda c: AutoencoderKLEncoder(
+        VAEConfig.from_dict(c), dtype=dtype, param_dtype=param_dtype, **module_kwargs))
+
+
+def load_text_encoder(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None, **module_kwargs):
+    """(CLIPTextModel, params) from an HF CLIP (text) model folder or a diffusers pipeline root."""
+    return _load(path, _TEXT, config, lambda c: CLIPTextModel(
+        CLIPTextConfig.from_dict(c), dtype=dtype, param_dtype=param_dtype, **module_kwargs))
