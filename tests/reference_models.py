@@ -260,3 +260,25 @@ def vae_diffusers_to_ldm(state: Mapping[str, np.ndarray], prefix: str = "first_s
             path = [module, *rest]
         out[prefix + ".".join([side, *path])] = value
     return out
+
+
+def corrupt_state_dict(state: Mapping[str, np.ndarray], misshape: str, drop: str,
+                       extra: str = "not_a_layer.weight") -> dict[str, np.ndarray]:
+    """One tensor with a wrong shape (last dim + 1), one missing, one extra."""
+    state = dict(state)
+    shape = state[misshape].shape
+    state[misshape] = np.zeros((*shape[:-1], shape[-1] + 1), np.float32)
+    del state[drop]
+    state[extra] = np.zeros((3,), np.float32)
+    return state
+
+
+def assert_same_params(a, b):
+    """Two param trees have the same structure and bit-identical leaves."""
+    import jax
+
+    paths_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    paths_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
+    assert [p for p, _ in paths_a] == list(paths_b)
+    for path, leaf in paths_a:
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(paths_b[path]), err_msg=jax.tree_util.keystr(path))

@@ -29,7 +29,11 @@ _INDEXED = re.compile(r"(.+)_(\d+)")
 
 
 class WeightLoadingError(ValueError):
-    """A state dict does not fit a model. Lists every missing, unexpected and mis-shaped key."""
+    """A state dict does not fit a model. Lists every missing, unexpected and mis-shaped key.
+
+    Unexpected and mis-shaped keys are named as in the file; missing keys in the canonical PyTorch naming of the
+    model (diffusers / transformers 4.x), since the file has no name for them.
+    """
 
     def __init__(self, source: str, missing: Sequence[tuple[str, tuple[int, ...]]] = (),
                  unexpected: Sequence[tuple[str, tuple[int, ...]]] = (),

@@ -79,13 +79,16 @@ def _rename_all(state: Mapping[str, np.ndarray], rename: Callable[[str], str | N
 
 
 def _unet_layout(state: Mapping[str, np.ndarray]) -> tuple[int, int]:
-    """(levels, layers_per_block) from the input-block numbering."""
-    inputs = {int(m[1]) for k in state if (m := re.match(r"input_blocks\.(\d+)\.", k))}
-    downsamplers = {int(m[1]) for k in state if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.", k))}
-    levels = len(downsamplers) + 1
-    layers, remainder = divmod(max(inputs, default=0) + 1 - levels, levels)
-    if not inputs or remainder or layers < 1:
-        raise ValueError(f"not an ldm UNet state dict: input_blocks {sorted(inputs)} with {levels - 1} downsamplers")
+    """(levels, layers_per_block) from where the downsamplers sit: the first one follows the L resnets of level 0,
+    the others come every L + 1 input blocks. Keys that break the pattern are left for the strict check."""
+    resnets = {int(m[1]) for k in state if (m := re.match(r"input_blocks\.(\d+)\.0\.in_layers\.", k))}
+    ops = sorted({int(m[1]) for k in state if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.", k))})
+    layers = ops[0] - 1 if ops else len(resnets)
+    if layers < 1:
+        raise ValueError(f"not an ldm UNet state dict: resnet input_blocks {sorted(resnets)}, downsamplers {ops}")
+    levels = 1
+    while levels * (layers + 1) in ops:
+        levels += 1
     return levels, layers
 
 

@@ -38,8 +38,8 @@ class _Kind:
     subfolder: str  # in a diffusers pipeline root
     # Regexes of keys deliberately not loaded (matched at the start of the diffusers / transformers name).
     ignore: tuple[str, ...] = ()
-    # Fixes for older diffusers / transformers layouts of the same model: state -> state.
-    normalize: Callable[[StateDict], StateDict] = lambda state: state
+    # Renames for other diffusers / transformers versions' names of the same model: key -> canonical key.
+    normalize_key: Callable[[str], str] | None = None
     # CompVis single files: (predicate on the file's keys, state -> (renamed, diffusers->file key, inferred config)).
     is_ldm: Callable[[StateDict], bool] | None = None
     from_ldm: Callable[[StateDict, str], tuple[StateDict, dict[str, str], Callable[[], dict]]] | None = None
@@ -65,23 +65,29 @@ def _vae_from_ldm(state: StateDict, source: str):
 _LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def _rename_legacy_vae_attention(state: StateDict) -> StateDict:
-    out = {}
-    for key, value in state.items():
-        head, sep, tail = key.partition(".mid_block.attentions.0.")
-        module, dot, leaf = tail.partition(".")
-        if sep and module in _LEGACY_VAE_ATTENTION:
-            key = f"{head}{sep}{_LEGACY_VAE_ATTENTION[module]}{dot}{leaf}"
-        out[key] = value
-    return out
+def _rename_legacy_vae_attention(key: str) -> str:
+    head, sep, tail = key.partition(".mid_block.attentions.0.")
+    module, dot, leaf = tail.partition(".")
+    if sep and module in _LEGACY_VAE_ATTENTION:
+        return f"{head}{sep}{_LEGACY_VAE_ATTENTION[module]}{dot}{leaf}"
+    return key
 
 
-def _add_text_model_prefix(state: StateDict) -> StateDict:
+_CLIP_TEXT_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def _add_text_model_prefix(key: str) -> str:
     """transformers 5 saves a CLIPTextModel without the `text_model.` prefix that 4.x (and every SD checkpoint)
     has; the Flax tree keeps the prefix."""
-    if any(k.startswith("text_model.") for k in state):
-        return state
-    return {f"text_model.{k}": v for k, v in state.items()}
+    return f"text_model.{key}" if key.startswith(_CLIP_TEXT_PARTS) else key
+
+
+def _normalize(state: StateDict, kind: _Kind) -> tuple[StateDict, dict[str, str] | None]:
+    """(state with canonical keys, canonical key -> file key)."""
+    if kind.normalize_key is None:
+        return state, None
+    renamed = {kind.normalize_key(k): k for k in state}
+    return {new: state[old] for new, old in renamed.items()}, renamed
 
 
 _UNET = _Kind("unet", is_ldm=lambda s: any(k.startswith((ldm.UNET_PREFIX, "input_blocks.")) for k in s),
@@ -90,7 +96,7 @@ _VAE = _Kind(
     "vae",
     # Only the encoder is built (spec/vpd.md 1.1: the decoder is deleted and unused).
     ignore=(r"decoder\.", r"post_quant_conv\."),
-    normalize=_rename_legacy_vae_attention,
+    normalize_key=_rename_legacy_vae_attention,
     is_ldm=lambda s: any(k.startswith((ldm.VAE_PREFIX, "encoder.down.")) for k in s),
     from_ldm=_vae_from_ldm,
 )
@@ -101,7 +107,7 @@ _TEXT = _Kind(
         # The other half of a full CLIPModel folder (e.g. openai/clip-vit-large-patch14), and projections.
         r"vision_model\.", r"visual_projection\.", r"text_projection\.", r"logit_scale$",
     ),
-    normalize=_add_text_model_prefix,
+    normalize_key=_add_text_model_prefix,
 )
 
 
@@ -131,8 +137,8 @@ def _load_state_and_config(path, kind: _Kind, config: ConfigArg) -> tuple[StateD
     override = _read_config(config)
     if os.path.isdir(target):
         weights = find_weights_file(target)
-        state = kind.normalize(read_state_dict(weights))
-        return state, override or _read_config(os.path.join(target, "config.json")), None, weights
+        state, origin = _normalize(read_state_dict(weights), kind)
+        return state, override or _read_config(os.path.join(target, "config.json")), origin, weights
     state = read_state_dict(target)
     if kind.is_ldm is not None and kind.is_ldm(state):
         renamed, origin, infer_config = kind.from_ldm(state, target)
@@ -140,7 +146,8 @@ def _load_state_and_config(path, kind: _Kind, config: ConfigArg) -> tuple[StateD
     sibling = os.path.join(os.path.dirname(target), "config.json")
     if override is None and not os.path.isfile(sibling):
         raise FileNotFoundError(f"{target}: a weights file without CompVis keys needs config= or a config.json next to it")
-    return kind.normalize(state), override or _read_config(sibling), None, target
+    state, origin = _normalize(state, kind)
+    return state, override or _read_config(sibling), origin, target
 
 
 def _load(path, kind: _Kind, config: ConfigArg, build: Callable[[dict], Any]):
