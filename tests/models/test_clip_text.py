@@ -30,17 +30,22 @@ def _run_both(folder, model, input_ids):
     return ours, reference.last_hidden_state.numpy(), reference.pooler_output.numpy()
 
 
-@pytest.mark.parametrize("config, pad", [
+@pytest.mark.parametrize("config, pad, embedding_scale", [
     # SD v1: quick_gelu, padding with EOS itself (first-EOS rule must not pick a padding position)
-    (dict(hidden_act="quick_gelu", eos_token_id=63), 63),
-    # SD v2 / OpenCLIP: exact gelu, padding with token 0 ('!'), another width, depth and head count
+    (dict(hidden_act="quick_gelu", eos_token_id=63), 63, 1.0),
+    # SD v2 / OpenCLIP: exact gelu, padding with token 0 ('!'), another width, depth and head count; tiny
+    # embeddings make the first LayerNorm's variance ~1e-8, so layer_norm_eps from the config must be used
     (dict(hidden_act="gelu", eos_token_id=63, hidden_size=48, num_attention_heads=3, num_hidden_layers=3,
-          layer_norm_eps=1e-6), 0),
+          layer_norm_eps=1e-6), 0, 1e-4),
     # legacy config (eos_token_id == 2): pooled at argmax(input_ids), EOS being the largest id
-    (dict(hidden_act="quick_gelu", eos_token_id=2, bos_token_id=0, pad_token_id=1), 63),
+    (dict(hidden_act="quick_gelu", eos_token_id=2, bos_token_id=0, pad_token_id=1), 63, 1.0),
 ])
-def test_outputs_match_transformers(tmp_path, config, pad):
+def test_outputs_match_transformers(tmp_path, config, pad, embedding_scale):
     model = save_tiny_clip(str(tmp_path), seed=3, **config)
+    with torch.no_grad():
+        model.embeddings.token_embedding.weight.mul_(embedding_scale)
+        model.embeddings.position_embedding.weight.mul_(embedding_scale)
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
     eos = 63  # the tokenizer's EOS; with the legacy config the model's eos_token_id (2) is not it
     input_ids = _token_batch(64, 12, eos=eos, pad=pad, bos=62)
     ours, hidden, pooled = _run_both(str(tmp_path), model, input_ids)

@@ -50,6 +50,21 @@ def test_logvar_is_clipped_like_diffusers(tmp_path):
     assert max_rel_diff(ours.logvar, logvar) <= TOLERANCE
 
 
+def test_group_norm_eps_matters_and_matches(tmp_path):
+    """With a near-constant input and no conv_in bias, GroupNorm variances are ~1e-8, so an eps other than
+    diffusers' 1e-6 changes the result far beyond the tolerance."""
+    model = save_tiny_vae(str(tmp_path), seed=3)
+    with torch.no_grad():
+        model.encoder.conv_in.bias.zero_()
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    x = 1e-4 * np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        mean = model.encode(torch.from_numpy(x)).latent_dist.mean.numpy().transpose(0, 2, 3, 1)
+    module, params = load_vae(str(tmp_path))
+    ours = jax.jit(module.apply)({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    assert max_rel_diff(ours.mean, mean) <= TOLERANCE
+
+
 def test_sample_uses_mean_and_std():
     mean = jnp.full((4000, 2), 3.0)
     posterior = DiagonalGaussian(mean=mean, logvar=jnp.stack([jnp.zeros(4000), jnp.full(4000, 2 * np.log(0.5))], -1))
