@@ -1,6 +1,8 @@
 """load_vae from diffusers folders, pipeline roots and CompVis single files."""
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -99,6 +101,16 @@ def test_pipeline_root_and_legacy_attention_names(vae_folder, tmp_path):
     with open(os.path.join(folder, "config.json")) as src, open(tmp_path / "legacy" / "config.json", "w") as dst:
         dst.write(src.read())
     assert_same_params(load_vae(str(tmp_path / "legacy"))[1], reference)
+
+
+def test_param_dtype(vae_folder):
+    folder, _ = vae_folder
+    module, params = load_vae(folder, param_dtype=jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    _, reference = load_vae(folder)
+    x = jnp.zeros((1, 8, 8, 3))
+    np.testing.assert_allclose(module.apply({"params": params}, x).mean,
+                               module.apply({"params": reference}, x).mean, atol=0.05)
 
 
 def test_corrupted_file_names_each_key(vae_folder, tmp_path):

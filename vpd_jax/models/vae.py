@@ -53,7 +53,8 @@ class VAEConfig:
         if not self.block_out_channels:
             raise ValueError("VAE config: block_out_channels is empty")
         if self.act_fn not in _SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"VAE config: act_fn={self.act_fn!r} is not supported (supported: {_SUPPORTED_ACTIVATIONS})")
+            raise ValueError(
+                f"VAE config: act_fn={self.act_fn!r} is not supported (supported: {_SUPPORTED_ACTIVATIONS})")
         for channels in self.block_out_channels:
             if channels % self.norm_num_groups:
                 raise ValueError(

@@ -29,8 +29,8 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         return _read_safetensors(path)
     if path.endswith(PICKLE_SUFFIXES):
         return _read_torch_pickle(path)
-    raise ValueError(
-        f"{path}: unknown weights format; expected .safetensors, {SAFETENSORS_INDEX_SUFFIX} or one of {PICKLE_SUFFIXES}")
+    raise ValueError(f"{path}: unknown weights format; expected .safetensors, {SAFETENSORS_INDEX_SUFFIX} "
+                     f"or one of {PICKLE_SUFFIXES}")
 
 
 def _read_safetensors(path: str) -> StateDict:
@@ -104,7 +104,8 @@ def find_weights_file(folder: str) -> str:
         standard = [n for n in candidates if _stem(n, suffixes) in STANDARD_WEIGHT_NAMES]
         if len(standard) == 1:
             return os.path.join(folder, standard[0])
-        raise ValueError(f"{folder}: several weights files {candidates}; pass the path of the one to load instead of the folder")
+        raise ValueError(
+            f"{folder}: several weights files {candidates}; pass the path of the one to load instead of the folder")
     raise FileNotFoundError(f"{folder}: no weights file (*.safetensors, *{SAFETENSORS_INDEX_SUFFIX} or *.bin)")
 
 

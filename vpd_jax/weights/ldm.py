@@ -36,6 +36,7 @@ StateDict = dict[str, np.ndarray]
 
 _UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                 "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
 _VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _UNET_TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
              "out.0": "conv_norm_out", "out.2": "conv_out"}
@@ -45,12 +46,34 @@ SD1_CROSS_ATTENTION_DIM, SD1_HEADS = 768, 8
 SD2_CROSS_ATTENTION_DIM, SD2_HEAD_DIM = 1024, 64
 
 
-def select_component(state: Mapping[str, np.ndarray], prefix: str, what: str, source: str) -> StateDict:
-    """The keys under `prefix`, with the prefix removed."""
-    selected = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not selected:
-        raise ValueError(f"{source}: no {what} weights (no key starts with {prefix!r}); first keys: {sorted(state)[:5]}")
-    return selected
+# A stand-alone component file has the keys without prefix; these tell it apart from a diffusers-layout file.
+_UNET_BARE, _VAE_BARE = "input_blocks.", "encoder.down."
+
+
+def is_ldm_unet(state: Mapping[str, np.ndarray]) -> bool:
+    return any(k.startswith((UNET_PREFIX, _UNET_BARE)) for k in state)
+
+
+def is_ldm_vae(state: Mapping[str, np.ndarray]) -> bool:
+    return any(k.startswith((VAE_PREFIX, _VAE_BARE)) for k in state)
+
+
+def _split(state: Mapping[str, np.ndarray], prefix: str, bare: str, what: str, source: str) -> StateDict:
+    """The component's keys: those under `prefix` (prefix removed) in a full SD file, else a stand-alone file."""
+    if any(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if any(k.startswith(bare) for k in state):
+        return dict(state)
+    raise ValueError(f"{source}: no CompVis {what} weights (neither {prefix!r} keys nor a stand-alone {what} with "
+                     f"{bare!r} keys); first keys: {sorted(state)[:5]}")
+
+
+def split_unet(state: Mapping[str, np.ndarray], source: str) -> StateDict:
+    return _split(state, UNET_PREFIX, _UNET_BARE, "UNet", source)
+
+
+def split_vae(state: Mapping[str, np.ndarray], source: str) -> StateDict:
+    return _split(state, VAE_PREFIX, _VAE_BARE, "VAE", source)
 
 
 def _rename_module(rest: str, table: Mapping[str, str]) -> str:
@@ -188,11 +211,11 @@ def vae_ldm_to_diffusers(state: Mapping[str, np.ndarray]) -> tuple[StateDict, di
 
     def rename(key: str) -> str | None:
         if m := re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", key):
-            return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_rename_module(m[3], {'nin_shortcut': 'conv_shortcut'})}"
+            return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_rename_module(m[3], _VAE_RESNET)}"
         if m := re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv\.(.+)", key):
             return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
         if m := re.fullmatch(r"encoder\.mid\.block_([12])\.(.+)", key):
-            return f"encoder.mid_block.resnets.{int(m[1]) - 1}.{_rename_module(m[2], {'nin_shortcut': 'conv_shortcut'})}"
+            return f"encoder.mid_block.resnets.{int(m[1]) - 1}.{_rename_module(m[2], _VAE_RESNET)}"
         if m := re.fullmatch(r"encoder\.mid\.attn_1\.(.+)", key):
             renamed = _rename_module(m[1], _VAE_ATTENTION)
             return f"encoder.mid_block.attentions.0.{renamed}" if renamed != m[1] else None
@@ -201,17 +224,6 @@ def vae_ldm_to_diffusers(state: Mapping[str, np.ndarray]) -> tuple[StateDict, di
         return None
 
     return _rename_all(state, rename)
-
-
-def split_vae(state: Mapping[str, np.ndarray], source: str) -> StateDict:
-    """The VAE keys of a full SD checkpoint (`first_stage_model.`) or of a stand-alone ldm VAE file."""
-    if any(k.startswith(VAE_PREFIX) for k in state):
-        return select_component(state, VAE_PREFIX, "VAE", source)
-    if any(k.startswith("encoder.down.") for k in state):
-        return dict(state)
-    raise ValueError(
-        f"{source}: no CompVis VAE weights (neither {VAE_PREFIX!r} keys nor a stand-alone ldm VAE with "
-        f"'encoder.down.*'); first keys: {sorted(state)[:5]}")
 
 
 def infer_vae_config(state: Mapping[str, np.ndarray]) -> dict:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from vpd_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from vpd_jax.models.tokenizer import load_tokenizer  # noqa: F401  (re-exported by vpd_jax.weights)
+from vpd_jax.models.unet import UNet2DConditionModel, UNetConfig
 from vpd_jax.models.vae import AutoencoderKLEncoder, VAEConfig
 from vpd_jax.weights import ldm
 from vpd_jax.weights.convert import abstract_params, convert_state_dict
@@ -45,23 +46,20 @@ class _Kind:
     from_ldm: Callable[[StateDict, str], tuple[StateDict, dict[str, str], Callable[[], dict]]] | None = None
 
 
-def _unet_from_ldm(state: StateDict, source: str):
-    prefixed = any(k.startswith(ldm.UNET_PREFIX) for k in state)
-    unet = ldm.select_component(state, ldm.UNET_PREFIX, "UNet", source) if prefixed else state
-    renamed, origin = ldm.unet_ldm_to_diffusers(unet)
-    prefix = ldm.UNET_PREFIX if prefixed else ""
-    return renamed, {k: prefix + v for k, v in origin.items()}, lambda: ldm.infer_unet_config(unet)
+def _from_ldm(prefix: str, split: Callable, rename: Callable, infer: Callable):
+    """A `_Kind.from_ldm` for the component stored under `prefix` in a full SD file (or alone, unprefixed)."""
+
+    def convert(state: StateDict, source: str):
+        part = split(state, source)
+        renamed, origin = rename(part)
+        lead = prefix if any(k.startswith(prefix) for k in state) else ""
+        return renamed, {k: lead + v for k, v in origin.items()}, lambda: infer(part)
+
+    return convert
 
 
-def _vae_from_ldm(state: StateDict, source: str):
-    prefixed = any(k.startswith(ldm.VAE_PREFIX) for k in state)
-    vae = ldm.split_vae(state, source)
-    renamed, origin = ldm.vae_ldm_to_diffusers(vae)
-    prefix = ldm.VAE_PREFIX if prefixed else ""
-    return renamed, {k: prefix + v for k, v in origin.items()}, lambda: ldm.infer_vae_config(vae)
-
-
-# diffusers < 0.14 named the VAE mid-block attention query/key/value/proj_attn; SD v1.5's hub files still do.
+# diffusers < 0.14 named the VAE mid-block attention query/key/value/proj_attn; hub files saved before then
+# (SD v1.x VAEs among them) still do.
 _LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
@@ -87,18 +85,24 @@ def _normalize(state: StateDict, kind: _Kind) -> tuple[StateDict, dict[str, str]
     if kind.normalize_key is None:
         return state, None
     renamed = {kind.normalize_key(k): k for k in state}
+    if len(renamed) < len(state):
+        both = sorted(k for k in state if kind.normalize_key(k) != k and kind.normalize_key(k) in state)
+        raise ValueError(f"the state dict holds both old and new names of the same weights: {both}")
     return {new: state[old] for new, old in renamed.items()}, renamed
 
 
-_UNET = _Kind("unet", is_ldm=lambda s: any(k.startswith((ldm.UNET_PREFIX, "input_blocks.")) for k in s),
-              from_ldm=_unet_from_ldm)
+_UNET = _Kind(
+    "unet",
+    is_ldm=ldm.is_ldm_unet,
+    from_ldm=_from_ldm(ldm.UNET_PREFIX, ldm.split_unet, ldm.unet_ldm_to_diffusers, ldm.infer_unet_config),
+)
 _VAE = _Kind(
     "vae",
     # Only the encoder is built (spec/vpd.md 1.1: the decoder is deleted and unused).
     ignore=(r"decoder\.", r"post_quant_conv\."),
     normalize_key=_rename_legacy_vae_attention,
-    is_ldm=lambda s: any(k.startswith((ldm.VAE_PREFIX, "encoder.down.")) for k in s),
-    from_ldm=_vae_from_ldm,
+    is_ldm=ldm.is_ldm_vae,
+    from_ldm=_from_ldm(ldm.VAE_PREFIX, ldm.split_vae, ldm.vae_ldm_to_diffusers, ldm.infer_vae_config),
 )
 _TEXT = _Kind(
     "text_encoder",
@@ -112,8 +116,10 @@ _TEXT = _Kind(
 
 
 def _read_config(config: ConfigArg) -> dict | None:
-    if config is None or isinstance(config, Mapping):
-        return None if config is None else dict(config)
+    if config is None:
+        return None
+    if isinstance(config, Mapping):
+        return dict(config)
     with open(config) as f:
         return json.load(f)
 
@@ -145,7 +151,8 @@ def _load_state_and_config(path, kind: _Kind, config: ConfigArg) -> tuple[StateD
         return renamed, override or infer_config(), origin, target
     sibling = os.path.join(os.path.dirname(target), "config.json")
     if override is None and not os.path.isfile(sibling):
-        raise FileNotFoundError(f"{target}: a weights file without CompVis keys needs config= or a config.json next to it")
+        raise FileNotFoundError(
+            f"{target}: a weights file without CompVis keys needs config= or a config.json next to it")
     state, origin = _normalize(state, kind)
     return state, override or _read_config(sibling), origin, target
 
@@ -159,8 +166,6 @@ def _load(path, kind: _Kind, config: ConfigArg, build: Callable[[dict], Any]):
 
 def load_unet(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None, **module_kwargs):
     """(UNet2DConditionModel, params) from a diffusers unet folder, a pipeline root or a CompVis SD file."""
-    from vpd_jax.models.unet import UNet2DConditionModel, UNetConfig
-
     return _load(path, _UNET, config, lambda c: UNet2DConditionModel(
         config=UNetConfig.from_dict(c), dtype=dtype, param_dtype=param_dtype, **module_kwargs))
 
