@@ -63,3 +63,28 @@ def test_initialisers():
     assert abs(t.std() / 0.02 - 1) < 0.02 and np.abs(t).max() > 0.07  # bounds +-2 absolute: effectively untruncated
     t = _init(common.trunc_normal(1.0), (200_000,))
     assert np.abs(t).max() <= 2.0
+
+
+def test_batchnorm_statistics_are_global_over_a_sharded_batch():
+    """SyncBN for free under jit over a mesh; `axis_name` gives the same inside shard_map."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from vpd_jax.parallel import make_mesh
+
+    mesh = make_mesh({"data": 8, "fsdp": 1, "tensor": 1}, jax.devices()[:8])
+    x = np.random.default_rng(2).normal(size=(8, 3, 3, 4)).astype(np.float32) + np.arange(8)[:, None, None, None]
+    bn = common.BatchNorm()
+    variables = nn.meta.unbox(jax.eval_shape(lambda x: bn.init(jax.random.key(0), x, train=False), x))
+    variables = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), variables)
+    train = lambda module: lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"])
+    want_y, want_stats = jax.jit(train(bn))(variables, jnp.asarray(x))
+    sharded = jax.device_put(jnp.asarray(x), NamedSharding(mesh, P("data")))
+    y, stats = jax.jit(train(bn))(variables, sharded)
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-6)
+    synced = jax.shard_map(train(common.BatchNorm(axis_name="data")), mesh=mesh, in_specs=(P(), P("data")),
+                           out_specs=(P("data"), P()), check_vma=False)
+    y2, stats2 = jax.jit(synced)(variables, sharded)
+    np.testing.assert_allclose(y2, want_y, rtol=1e-5, atol=1e-6)
+    for a, b, c in zip(jax.tree.leaves(stats), jax.tree.leaves(stats2), jax.tree.leaves(want_stats)):
+        np.testing.assert_allclose(a, c, rtol=1e-5)
+        np.testing.assert_allclose(b, c, rtol=1e-5)

@@ -161,3 +161,13 @@ def test_rejects_non_power_of_two_levels():
     feats = [jnp.zeros((1, s, s, 4)) for s in (16, 6)]
     with pytest.raises(ValueError, match=r"\(6, 6\)"):
         jax.eval_shape(lambda f: head.init(jax.random.key(0), f, train=False), feats)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    _, _, variables, feats = _ported()
+    head = SemanticFPN(num_classes=5, channels=16, dtype=jnp.bfloat16)
+    run = jax.jit(lambda v, f, model: model.apply(v, f, train=False), static_argnums=2)
+    x = [jnp.asarray(f) for f in feats]
+    low, full = run(variables, x, head), run(variables, x, SemanticFPN(num_classes=5, channels=16))
+    assert low.dtype == jnp.bfloat16
+    assert rel_err(np.asarray(low, np.float32), full) < 5e-2
