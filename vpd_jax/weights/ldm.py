@@ -94,6 +94,8 @@ def _rename_all(state: Mapping[str, np.ndarray], rename: Callable[[str], str | N
     renamed, origin = {}, {}
     for key, value in state.items():
         new = rename(key) or key
+        if new in renamed:
+            raise ValueError(f"keys {origin[new]!r} and {key!r} both map to {new!r}")
         renamed[new], origin[new] = value, key
     return renamed, origin
 
