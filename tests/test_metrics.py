@@ -120,6 +120,8 @@ def test_depth_random_against_glpdepth_with_eigen_crop():
     s2 = metrics.depth_scores(pred, outside)
     ref2 = _reference_depth(pred[:2], gt[:2])
     assert s2["rmse"] == pytest.approx(ref2["rmse"], rel=1e-9)
+    s3 = metrics.depth_scores(pred[..., None], gt)  # a trailing channel on either side is fine
+    assert s3["rmse"] == s["rmse"]
     with pytest.raises(ValueError, match=r"\(48, 64\)"):
         metrics.depth_scores(pred[:, :48, :64], gt[:, :48, :64])
 

@@ -154,10 +154,9 @@ def depth_image_metrics(preds: Array, gts: Array, min_depth: float = 1e-3, max_d
     """Per-image depth metrics of (B, H, W[, 1]) predictions and ground truths (metres).
 
     Returns (values (B, 9) in DEPTH_METRICS order, counted (B,) bool: real examples with >= 1 valid pixel)."""
-    _check_same_shape("depth_image_metrics", preds, gts)
     xp = _xp(preds, gts)
-    if preds.ndim == 4 and preds.shape[-1] == 1:
-        preds, gts = preds[..., 0], gts[..., 0]
+    preds, gts = (x[..., 0] if x.ndim == 4 and x.shape[-1] == 1 else x for x in (preds, gts))
+    _check_same_shape("depth_image_metrics", preds, gts)
     if preds.ndim != 3:
         raise ValueError(f"depth_image_metrics expects (B, H, W) or (B, H, W, 1) maps, got {tuple(preds.shape)}")
     dtype = np.float64 if xp is np else jnp.float32
