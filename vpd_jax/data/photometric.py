@@ -15,6 +15,7 @@ import dataclasses
 import tensorflow as tf
 
 from vpd_jax.data import random_ops
+from vpd_jax.data.validation import check_non_negative, check_ordered_pair, check_probabilities
 from vpd_jax.data.image_ops import clip_to_uint8, round_to_uint8
 
 _HSV_SHIFT = 12
@@ -120,13 +121,12 @@ class MMSegPhotometricConfig:
     hue_prob: float = 0.5
 
     def __post_init__(self):
-        _check_probs(self, "brightness_prob", "contrast_prob", "saturation_prob", "hue_prob")
-        _check_range(self, "contrast_range", low=0.0)
-        _check_range(self, "saturation_range", low=0.0)
-        if self.brightness_delta < 0:
-            raise ValueError(f"brightness_delta must be >= 0, got {self.brightness_delta}")
+        check_probabilities(self, "brightness_prob", "contrast_prob", "saturation_prob", "hue_prob")
+        check_ordered_pair(self, "contrast_range", low=0.0)
+        check_ordered_pair(self, "saturation_range", low=0.0)
+        check_non_negative(self, "brightness_delta")
         if not 0 <= self.hue_delta <= 179:
-            raise ValueError(f"hue_delta must be in [0, 179], got {self.hue_delta}")
+            raise ValueError(f"MMSegPhotometricConfig.hue_delta must be in [0, 179], got {self.hue_delta}")
 
 
 def mmseg_photometric_distortion(image: tf.Tensor, seed: tf.Tensor, cfg: MMSegPhotometricConfig) -> tf.Tensor:
@@ -173,11 +173,10 @@ class AlbumentationsPhotometricConfig:
     hue_saturation_value_prob: float = 0.5
 
     def __post_init__(self):
-        _check_probs(self, "brightness_contrast_prob", "gamma_prob", "hue_saturation_value_prob")
-        _check_range(self, "gamma_limit", low=0.0)
-        for name in ("brightness_limit", "contrast_limit", "hue_shift_limit", "sat_shift_limit", "val_shift_limit"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_probabilities(self, "brightness_contrast_prob", "gamma_prob", "hue_saturation_value_prob")
+        check_ordered_pair(self, "gamma_limit", low=0.0)
+        check_non_negative(self, "brightness_limit", "contrast_limit", "hue_shift_limit", "sat_shift_limit",
+                           "val_shift_limit")
 
 
 def _apply_lut(image_u8: tf.Tensor, lut_u8: tf.Tensor) -> tf.Tensor:
@@ -230,16 +229,3 @@ def albumentations_photometric(image: tf.Tensor, seed: tf.Tensor, cfg: Albumenta
     image = _apply_with_prob(seed, "gamma", cfg.gamma_prob, gm, image)
     return _apply_with_prob(seed, "hue_saturation_value", cfg.hue_saturation_value_prob, hsv, image)
 
-
-def _check_probs(cfg, *names):
-    for name in names:
-        p = getattr(cfg, name)
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{type(cfg).__name__}.{name} must be a probability in [0, 1], got {p}")
-
-
-def _check_range(cfg, name, low):
-    lo, hi = getattr(cfg, name)
-    if not low <= lo <= hi:
-        raise ValueError(f"{type(cfg).__name__}.{name} must be an ordered pair (lo, hi) with {low} <= lo <= hi, "
-                         f"got {(lo, hi)}")

@@ -4,6 +4,8 @@ Pure TensorFlow, graph-mode safe, for `tf.data.Dataset.map`. Random transforms t
 `seed` (int32/int64, shape (2,)) and use only stateless random ops derived from it, so the same seed
 gives bit-identical outputs and the pipeline's iterator can be checkpointed (CONVENTIONS.md 6).
 Each task has a frozen config dataclass whose defaults are the reference values.
+Call the transforms directly inside `Dataset.map`: wrapping them in a `tf.function` puts a
+(stateful) function-call op into the map, and the iterator can then no longer be checkpointed.
 
 - ADE20K segmentation, mmseg 0.30 (spec/vpd.md 2.2, 2.4): `seg_train`, `seg_eval`.
 - NYUv2 depth, GLPDepth code as VPD uses it (spec/vpd.md 3.3, 3.6): `depth_train`, `depth_eval`, `cut_depth`.
@@ -21,6 +23,7 @@ import tensorflow as tf
 
 from vpd_jax.data import image_ops, photometric, random_ops
 from vpd_jax.data.photometric import AlbumentationsPhotometricConfig, MMSegPhotometricConfig
+from vpd_jax.data.validation import check_ordered_pair, check_positive_pair, check_probabilities
 
 # The transforms use explicit tf.cond / tf.while_loop and Python branches on static config only,
 # so AutoGraph conversion (which tf.data.map and tf.function apply by default) adds nothing but
@@ -33,18 +36,6 @@ __all__ = [
     "reduce_zero_label", "seg_train", "seg_eval", "cut_depth", "depth_train", "depth_eval", "refer",
     "phrasecut_train", "phrasecut_eval", "phrasecut_prompt",
 ]
-
-
-def _positive_pair(cfg, name):
-    value = getattr(cfg, name)
-    if len(value) != 2 or min(value) <= 0:
-        raise ValueError(f"{type(cfg).__name__}.{name} must be a pair of positive numbers, got {value!r}")
-
-
-def _probability(cfg, name):
-    p = getattr(cfg, name)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{type(cfg).__name__}.{name} must be a probability in [0, 1], got {p}")
 
 
 def _image_u8(image, name="image") -> tf.Tensor:
@@ -87,16 +78,14 @@ class SegAugConfig:
     photometric: MMSegPhotometricConfig = MMSegPhotometricConfig()
 
     def __post_init__(self):
-        _positive_pair(self, "img_scale")
-        _positive_pair(self, "ratio_range")
-        _positive_pair(self, "crop_size")
-        if self.ratio_range[0] > self.ratio_range[1]:
-            raise ValueError(f"SegAugConfig.ratio_range must be (lo, hi) with lo <= hi, got {self.ratio_range}")
+        check_positive_pair(self, "img_scale")
+        check_positive_pair(self, "crop_size")
+        check_ordered_pair(self, "ratio_range", low=1e-6)
         if self.cat_max_ratio <= 0:
             raise ValueError(f"SegAugConfig.cat_max_ratio must be > 0, got {self.cat_max_ratio}")
         if self.crop_max_tries < 1:
             raise ValueError(f"SegAugConfig.crop_max_tries must be >= 1, got {self.crop_max_tries}")
-        _probability(self, "flip_prob")
+        check_probabilities(self, "flip_prob")
 
 
 @_graph_function
@@ -220,10 +209,8 @@ class DepthAugConfig:
     photometric: AlbumentationsPhotometricConfig = AlbumentationsPhotometricConfig()
 
     def __post_init__(self):
-        _positive_pair(self, "crop_size")
-        _probability(self, "flip_prob")
-        _probability(self, "cutdepth_prob")
-        _probability(self, "cutdepth_strip_p")
+        check_positive_pair(self, "crop_size")
+        check_probabilities(self, "flip_prob", "cutdepth_prob", "cutdepth_strip_p")
         if self.max_depth <= 0:
             raise ValueError(f"DepthAugConfig.max_depth must be > 0, got {self.max_depth}")
 
