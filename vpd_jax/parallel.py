@@ -76,11 +76,12 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
 
 
 def _divisible_spec(mesh_spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """Drop, per dimension, the trailing mesh axes that do not divide the dimension."""
+    """Per dimension, drop mesh axes of size 1 and the trailing mesh axes that do not divide the dimension."""
     entries = list(mesh_spec) + [None] * (len(shape) - len(mesh_spec))
     out = []
     for dim, entry in zip(shape, entries):
         names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+        names = tuple(n for n in names if mesh.shape[n] > 1)
         while names and dim % math.prod(mesh.shape[n] for n in names):
             names = names[:-1]
         out.append(None if not names else (names[0] if len(names) == 1 else names))
