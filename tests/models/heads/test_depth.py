@@ -83,7 +83,9 @@ def _ported(seed=0):
 @pytest.mark.parametrize("crop", [False, True])
 def test_eval_matches_torch(crop):
     ref, head, variables, feats = _ported()
-    got = jax.jit(lambda v, f: head.apply(v, f, train=False, crop_last=crop))(variables, [jnp.asarray(f) for f in feats])
+    fusion_size = (7, 7) if crop else None  # the 8x8 s/32 map, last row and column dropped
+    got = jax.jit(lambda v, f: head.apply(v, f, train=False, fusion_size=fusion_size))(
+        variables, [jnp.asarray(f) for f in feats])
     want = nhwc(ref.eval()([nchw(f) for f in feats], crop))
     size = 224 if crop else 256  # (8 - crop) * 32
     assert got.shape == (3, size, size, 1)
@@ -93,7 +95,7 @@ def test_eval_matches_torch(crop):
 
 def test_train_batch_statistics_match_torch():
     ref, head, variables, feats = _ported(seed=1)
-    got, updates = jax.jit(lambda v, f: head.apply(v, f, train=True, crop_last=True, mutable=["batch_stats"]))(
+    got, updates = jax.jit(lambda v, f: head.apply(v, f, train=True, fusion_size=(7, 7), mutable=["batch_stats"]))(
         variables, [jnp.asarray(f) for f in feats])
     want = nhwc(ref.train()([nchw(f) for f in feats], True))
     assert rel_err(got, want) < 1e-4
@@ -128,5 +130,7 @@ def test_parameter_count_at_sd15_sizes():
     assert count(variables["params"]["encoder"]) == fusion
     assert count(variables["params"]["decoder"]) == decoder
     assert count(variables["params"]) == fusion + decoder + last
-    out = jax.eval_shape(lambda v, f: head.apply(v, f, train=False, crop_last=True), variables, feats)
+    out = jax.eval_shape(lambda v, f: head.apply(v, f, train=False, fusion_size=(15, 15)), variables, feats)
     assert out.shape == (1, 480, 480, 1)
+    out = jax.eval_shape(lambda v, f: head.apply(v, f, train=False, fusion_size=(15, 16)), variables, feats)
+    assert out.shape == (1, 480, 512, 1)

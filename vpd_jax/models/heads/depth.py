@@ -3,8 +3,9 @@
 Input: the four UNet features finest first [o0 (s/8), o1 (s/16), o2 (s/32), o3 (s/64)] (no attention channels);
 output depth (B, H, W, 1) = sigmoid(z) * max_depth at the input resolution (s/32 * 32).
 
-The 480 -> 512 zero pad of the image belongs to the model wrapper; it then calls this head with `crop_last=True`,
-which drops the last row and column of the s/32 fusion map (16 -> 15) so the output is 480, not 512.
+The 480 -> 512 zero pad of the image belongs to the model wrapper; it then calls this head with
+`fusion_size=(15, 15)`, which keeps the top-left 15x15 of the 16x16 s/32 fusion map so the output is 480, not 512
+(the reference's `[:, :, :-1, :-1]`; with an explicit size, a 480x640 input padded to 512x640 crops rows only).
 
 Names mirror the reference (`encoder.layer1.0.weight` -> `encoder/layer1_0/kernel`,
 `decoder.deconv_layers.4.running_var` -> batch_stats `decoder/deconv_layers_4/var`, `last_layer_depth.2.bias`).
@@ -105,10 +106,13 @@ class DepthHead(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, features: Sequence[jax.Array], train: bool, crop_last: bool = False) -> jax.Array:
+    def __call__(self, features: Sequence[jax.Array], train: bool,
+                 fusion_size: Sequence[int] | None = None) -> jax.Array:
         x = DepthFusion(self.fusion_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(features)
-        if crop_last:  # spec 3.1: 480 inputs padded to 512 -> drop the padded row/column of the s/32 map
-            x = x[:, :-1, :-1, :]
+        if fusion_size is not None:  # spec 3.1: drop the s/32 rows/columns that only saw the zero padding
+            if fusion_size[0] > x.shape[1] or fusion_size[1] > x.shape[2]:
+                raise ValueError(f"fusion_size {tuple(fusion_size)} exceeds the fusion map {x.shape[1:3]}")
+            x = x[:, :fusion_size[0], :fusion_size[1], :]
         x = DepthDecoder(self.num_filters, self.deconv_kernels, self.decoder_channels, self.bn_momentum,
                          self.axis_name, self.dtype, self.param_dtype, name="decoder")(x, train)
         conv = lambda features, name: Conv(features, 3, padding=1, kernel_init=normal(0.001), bias_init=zeros,
