@@ -13,7 +13,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vpd_jax.data.builders import common
 
 # --------------------------------------------------------------------------------------------------
 # ADE20K: ADEChallengeData2016/{images,annotations}/{training,validation}/
@@ -262,10 +261,6 @@ def nyu_fixture_depths(split: str) -> list[np.ndarray]:
     return out
 
 
-def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None, **download) -> tfds.core.DatasetBuilder:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, **download))
     return builder
-
-
-def bad_log(policy: str = "raise") -> common.BadInputLog:
-    return common.BadInputLog("test", "train", policy)

@@ -32,7 +32,9 @@ def untokenize(tokens) -> str:
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    fixtures.prepare(VpdShapes(config="small", data_dir=data_dir))
+    # Two shards of more than ReadConfig.interleave_block_length (16) examples in train, as real datasets
+    # have: TFDS then interleaves the files when reading.
+    fixtures.prepare(VpdShapes(config="small", data_dir=data_dir), num_shards=2)
     return data_dir
 
 
@@ -53,8 +55,8 @@ def eval_batches(data, process_index, process_count, builder=None):
 
 
 @functools.lru_cache(maxsize=None)
-def shapes_eval_batches(task, shapes_dir, process_index, process_count):
-    return eval_batches(shapes_data(task, shapes_dir), process_index, process_count)
+def shapes_eval_batches(task, shapes_dir, process_index, process_count, split="validation"):
+    return eval_batches(shapes_data(task, shapes_dir, eval_split=split), process_index, process_count)
 
 
 def assert_batches_equal(a, b):
@@ -148,10 +150,10 @@ def test_refer_training_draws_one_of_the_refs_sentences_each_epoch(shapes_dir):
 # --------------------------------------------------------------------------------------------------
 # Evaluation: every example exactly once per host layout, same number of batches on every host
 # --------------------------------------------------------------------------------------------------
-def _expected_eval_keys(task, shapes_dir):
+def _expected_eval_keys(task, shapes_dir, split):
     builder = tfds.builder("vpd_shapes/small", data_dir=shapes_dir)
     keys = []
-    for ex in tfds.as_numpy(builder.as_dataset(split="validation")):
+    for ex in tfds.as_numpy(builder.as_dataset(split=split)):
         name = ex["file_name"].decode()
         if task in ("seg", "depth"):
             keys.append(name)
@@ -170,10 +172,11 @@ def _eval_keys(task, batch):
     return [i.decode() for i in batch["id"][valid]]
 
 
-@pytest.mark.parametrize("task,process_count", [("seg", 3), ("depth", 2), ("refer", 3), ("phrasecut", 2)])
-def test_eval_covers_every_example_exactly_once(task, process_count, shapes_dir):
+@pytest.mark.parametrize("task,process_count,split", [("seg", 3, "validation"), ("depth", 2, "validation"),
+                                                      ("refer", 3, "train"), ("phrasecut", 2, "validation")])
+def test_eval_covers_every_example_exactly_once(task, process_count, split, shapes_dir):
     batch_size = shapes_data(task, shapes_dir).eval_batch_size_per_host
-    per_host = [shapes_eval_batches(task, shapes_dir, i, process_count) for i in range(process_count)]
+    per_host = [shapes_eval_batches(task, shapes_dir, i, process_count, split) for i in range(process_count)]
     assert len({len(batches) for batches in per_host}) == 1  # all hosts run the same number of batches
     seen = collections.Counter()
     for batches in per_host:
@@ -184,7 +187,7 @@ def test_eval_covers_every_example_exactly_once(task, process_count, shapes_dir)
                 assert (batch["label"][~batch["valid"]] == 255).all()  # padding examples are all ignore
             else:
                 assert (batch["image"][~batch["valid"]] == 0).all()
-    expected = _expected_eval_keys(task, shapes_dir)
+    expected = _expected_eval_keys(task, shapes_dir, split)
     assert len(set(expected)) == len(expected)
     assert seen == collections.Counter(expected)
     assert any(batches[-1]["valid"].any() for batches in per_host)  # no batch is padding on every host

@@ -163,7 +163,9 @@ def _host_counts(builder, source: sources.Source, split: str, host_splits: list)
     if not source.flattens:
         return sizes
     select = _graph_fn(source.select)
-    per_example = builder.as_dataset(split=split, shuffle_files=False, decoders=source.decoders).map(
+    in_file_order = tfds.ReadConfig(interleave_cycle_length=1)  # the default interleaves the shards
+    per_example = builder.as_dataset(split=split, shuffle_files=False, decoders=source.decoders,
+                                     read_config=in_file_order).map(
         _graph_fn(lambda ex: select(ex).reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)))
     counts = np.fromiter(per_example.as_numpy_iterator(), dtype=np.int64)
     if len(counts) != sum(sizes):

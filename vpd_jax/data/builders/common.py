@@ -4,8 +4,6 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from typing import Iterator
-
 import numpy as np
 from absl import logging
 from PIL import Image
@@ -132,11 +130,3 @@ def png_bytes(array: np.ndarray) -> bytes:
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
 
-
-def iter_existing(tree: SourceTree, relpaths: list[str], log: BadInputLog) -> Iterator[str]:
-    """Yields the paths that exist; reports the others as missing."""
-    for relpath in relpaths:
-        if tree.exists(relpath):
-            yield relpath
-        else:
-            log.report(tree.display(relpath), "file is missing")
