@@ -367,7 +367,9 @@ def test_phrasecut_eval_squashes_the_union_mask_and_prompts_the_phrase(phrasecut
     assert seen == set(tasks)
     train = next(pipelines.make_train_iterator(data, fake_tokenize, builder=phrasecut_builder, process_index=0,
                                                process_count=1))
-    assert train["image"].shape == (32, 24, 24, 3) and train["mask"].shape == (32, 24, 24, 1)
+    batch = data.batch_size_per_host
+    assert train["image"].shape == (batch, 24, 24, 3) and train["mask"].shape == (batch, 24, 24, 1)
+    assert set(np.unique(train["mask"])) <= {0.0, 1.0}
 
 
 # --------------------------------------------------------------------------------------------------

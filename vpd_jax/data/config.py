@@ -21,7 +21,8 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("depth", "nyu_depth_v2_bts"): dict(split="train", eval_split="test", batch_size_per_host=24),
     ("depth", "nyu_depth_v2"): dict(split="train", eval_split="validation", batch_size_per_host=24),
     ("refer", "ref_coco"): dict(split="train", eval_split="validation", batch_size_per_host=32, text_max_length=40),
-    ("phrasecut", "phrasecut"): dict(split="train", eval_split="test", batch_size_per_host=32, text_max_length=77),
+    ("phrasecut", "phrasecut"): dict(split="train", eval_split="test", batch_size_per_host=4,
+                                     eval_batch_size_per_host=32, text_max_length=77),
     ("seg", "vpd_shapes"): dict(aug=dict(img_scale=(256, 64), crop_size=(64, 64)), seg_eval_pad_multiple=64),
     ("depth", "vpd_shapes"): dict(aug=dict(crop_size=(64, 64))),
     ("refer", "vpd_shapes"): dict(aug=dict(size=64), text_max_length=16),
@@ -55,7 +56,9 @@ def data_config(task: str, name: str, **overrides) -> ml_collections.ConfigDict:
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
-    defaults = _DEFAULTS.get((task, family(name)), {})
+    defaults = dict(_DEFAULTS.get((task, family(name)), {}))
+    if name.startswith("ref_coco/refcocog"):
+        defaults["text_max_length"] = 77  # RefCOCOg sentences are longer (spec/vpd.md 1.5)
     cfg = ml_collections.ConfigDict({
         "task": task,
         "name": name,

@@ -14,6 +14,18 @@ Eval: every example of the host's subsplit exactly once, in order, followed by p
   `valid = False`, cut to the same number of batches on every host (the largest host's count; all hosts
   compute every host's count, so no communication is needed).
 
+Batch keys (B = batch_size_per_host or eval_batch_size_per_host; `text` becomes `tokens` int32 (B, L) in
+DataIterator; eval batches also carry `valid` bool (B,)):
+  seg        train image f32 (B, c, c, 3) in [-1, 1], label i32 (B, c, c) reduced labels, 255 = ignore
+             eval  image f32 (B, Hp, Wp, 3), image_hw i32 (B, 2), label i32 (B, Lh, Lw) at the ORIGINAL size,
+                   label_hw i32 (B, 2), id (file name)
+  depth      train image (B, h, w, 3), depth f32 (B, h, w) metres (0 = no measurement), scene_class i32 (B,)
+             eval  the same at full size, plus id
+  refer      train image (B, S, S, 3), mask i32 (B, S, S) in {0, 1}, text (one of the ref's sentences), ref_id
+             eval  the same per (ref, sentence), plus sentence_id, image_id
+  phrasecut  train image (B, S, S, 3), mask f32 (B, S, S, 1), text (phrase in a random template)
+             eval  the same (whole image squashed, template seeded by the example id), plus id, image_id
+
 Segmentation eval shapes: images differ in size (keep-ratio resize to short side 512, long side <= 2048),
   and the label stays at the original size. Each image is padded bottom/right to the next multiple of
   `seg_eval_pad_multiple` (default 256; value 0) and each label likewise (value 255 = ignore); a batch is

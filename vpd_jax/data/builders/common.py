@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+
 import numpy as np
 from absl import logging
 from PIL import Image
