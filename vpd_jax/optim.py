@@ -52,8 +52,6 @@ _OPTIM_FIELDS = {"lr", "weight_decay", "b1", "b2", "eps", "schedule", "param_gro
 
 def _optim_config(lr: float, weight_decay: float, param_groups: str, schedule: Mapping[str, Any],
                   ema_decay: float = 0.0) -> ml_collections.ConfigDict:
-    unknown = set(schedule) - set(_SCHEDULE_DEFAULTS)
-    assert not unknown, unknown
     return ml_collections.ConfigDict(dict(
         lr=lr,
         weight_decay=weight_decay,
