@@ -1,4 +1,5 @@
-"""Inference helpers against direct transcriptions of the references (mmseg 0.30 slide/aug test, VPD depth test).
+"""Inference helpers against direct transcriptions of the references (mmseg 0.30 slide/aug test, VPD depth test),
+and the padded-batch variants against the static functions on each unpadded image.
 
 Fake models are exact in float32 where a test claims exact equality: images hold small integers and the logits
 are integer combinations of pixel values, window-local coordinates and a per-window constant, so every sum is
@@ -292,6 +293,81 @@ def test_resize_image_does_not_antialias():
     got = np.asarray(inference.resize_image(jnp.asarray(img), (1, 4)))
     np.testing.assert_allclose(got, _torch_resize(img, (1, 4)), atol=1e-7)
     assert not np.allclose(got, np.asarray(jax.image.resize(img, (1, 1, 4, 3), "bilinear")))
+
+
+# ------------------------------------------------------------------------------ padded evaluation batches
+
+def padded_batch(sizes, shape, seed=15, junk=99.0):
+    """Integer images of the given valid sizes, padded bottom/right with junk a correct function never reads."""
+    rng = np.random.default_rng(seed)
+    img = np.full((len(sizes), *shape, 3), junk, np.float32)
+    for b, (h, w) in enumerate(sizes):
+        img[b, :h, :w] = rng.integers(0, 10, size=(h, w, 3))
+    return img, np.array(sizes, np.int32)
+
+
+def test_slide_inference_padded_equals_slide_inference_per_image():
+    traced = []
+
+    def model(crops):
+        traced.append(crops.shape)
+        return fake_seg_model(jnp)(crops)
+
+    run = jax.jit(functools.partial(inference.slide_inference_padded, model, num_classes=C, crop=8, stride=5,
+                                    pad_value=-2.0))
+    # (16, 24) padded: 3 x 5 windows; sizes with fewer windows, smaller than the crop, and the full size
+    for sizes in ([(13, 19), (6, 24), (16, 5)], [(16, 24), (9, 9), (3, 17)]):
+        img, hw = padded_batch(sizes, (16, 24))
+        got = np.asarray(run(jnp.asarray(img), jnp.asarray(hw)))
+        for b, (h, w) in enumerate(sizes):
+            want = inference.slide_inference(fake_seg_model(jnp), jnp.asarray(img[b:b + 1, :h, :w]), C, 8, 5,
+                                             pad_value=-2.0)
+            np.testing.assert_array_equal(got[b, :h, :w], np.asarray(want)[0], err_msg=str((h, w)))
+            assert not got[b, h:].any() and not got[b, :, w:].any()
+    assert traced == [(45, 8, 8, 3)] and run._cache_size() == 1  # one program for every valid size
+    with pytest.raises(ValueError, match=r"image_hw must be an integer array of shape \(3, 2\)"):
+        run(jnp.asarray(img), jnp.asarray(hw[:2]))
+
+
+RESIZES = [((13, 19), (26, 37)), ((16, 24), (7, 5)), ((9, 9), (9, 9)), ((1, 7), (3, 1)), ((16, 5), (16, 11))]
+
+
+def test_resize_padded_equals_the_static_resize():
+    rng = np.random.default_rng(16)
+    x = np.full((len(RESIZES), 16, 24, 3), 1e6, np.float32)  # padding that must not leak in
+    for b, ((h, w), _) in enumerate(RESIZES):
+        x[b, :h, :w] = rng.normal(size=(h, w, 3))
+    in_hw = np.array([r[0] for r in RESIZES], np.int32)
+    out_hw = np.array([r[1] for r in RESIZES], np.int32)
+    got = np.asarray(jax.jit(inference.resize_padded, static_argnums=3)(x, in_hw, out_hw, (26, 40)))
+    assert got.shape == (len(RESIZES), 26, 40, 3)
+    for b, ((h, w), (oh, ow)) in enumerate(RESIZES):
+        # the same taps up to float32 rounding (XLA contracts multiply-adds into FMAs on the device)
+        want = inference.resize_image(jnp.asarray(x[b:b + 1, :h, :w]), (oh, ow))
+        np.testing.assert_allclose(got[b, :oh, :ow], np.asarray(want)[0], atol=4e-6, err_msg=str(RESIZES[b]))
+        np.testing.assert_allclose(got[b, :oh, :ow], _torch_resize(x[b:b + 1, :h, :w], (oh, ow))[0], atol=2e-6)
+        assert not got[b, oh:].any() and not got[b, :, ow:].any()
+
+
+def test_segment_padded_equals_segment_per_image():
+    sizes, label_sizes = [(13, 19), (6, 24), (16, 5)], [(26, 38), (12, 47), (31, 10)]
+    img, hw = padded_batch(sizes, (16, 24), seed=17)
+    label_hw = np.array(label_sizes, np.int32)
+    run = jax.jit(functools.partial(inference.segment_padded, smooth_model(jnp), label_shape=(32, 48),
+                                    num_classes=C, crop=8, stride=5))
+    got = np.asarray(run(jnp.asarray(img), jnp.asarray(hw), jnp.asarray(label_hw)))
+    assert got.shape == (3, 32, 48) and got.dtype == np.int32
+    for b, ((h, w), (lh, lw)) in enumerate(zip(sizes, label_sizes)):
+        # the image given at its scale's size is used as is; the scale only has to map (lh, lw) to (h, w)
+        scale = (max(h, w), min(h, w))
+        assert inference.scale_sizes((lh, lw), (1.0,), scale) == [(h, w)]
+        probs = np.asarray(inference.segment_probs(smooth_model(jnp), jnp.asarray(img[b:b + 1, :h, :w]), (lh, lw),
+                                                   C, crop=8, stride=5, img_scale=scale))[0]
+        top2 = np.sort(probs, -1)[..., -2:]
+        clear = top2[..., 1] - top2[..., 0] > 1e-4  # the resizes may differ in the last bits
+        assert clear.mean() > 0.95
+        np.testing.assert_array_equal(got[b, :lh, :lw][clear], probs.argmax(-1)[clear])
+        assert not got[b, lh:].any() and not got[b, :, lw:].any()
 
 
 # ------------------------------------------------------------------------------------------------- depth

@@ -5,7 +5,9 @@ Every function takes a model function and arrays with **static shapes**: window 
 coverage counts are computed in Python from the shapes, so one `jax.jit` compilation serves every image of a
 given size. The windows of a call are gathered into one batch and run through the model function together
 (or in chunks of `chunk_size` through `jax.lax.map`, which traces the model once), then added back into a
-canvas with static slices in the reference's loop order, so the sums round exactly as the reference's do.
+canvas (zero-padded adds) in the reference's loop order, so the sums round as the reference's do. The
+`*_padded` functions serve the evaluation pipeline's padded batches: static padded shapes, traced valid
+sizes, the same numbers inside the valid region.
 
 Arrays are NHWC. Segmentation images are normalised to [-1, 1] (spec 2.2 step 5); model functions return
 logits, which are upsampled to their input size here if they come back smaller (mmseg's `encode_decode`).
@@ -97,13 +99,20 @@ def window_grid(image_hw: Sequence[int], crop: Sequence[int] | int = (512, 512),
     (h, w), (ch, cw), (sh, sw) = _pair(tuple(image_hw), "image_hw"), _pair(crop, "crop"), _pair(stride, "stride")
 
     def axis(size, c, s):
-        spans = []
-        for i in range(max(size - c + s - 1, 0) // s + 1):
-            end = min(i * s + c, size)
-            spans.append((max(end - c, 0), end))
-        return spans
+        return [_span(i, size, c, s) for i in range(_grid_count(size, c, s))]
 
     return [(y1, y2, x1, x2) for y1, y2 in axis(h, ch, sh) for x1, x2 in axis(w, cw, sw)]
+
+
+def _grid_count(size, crop: int, stride: int, maximum=max):
+    """Number of slide windows along an axis (a Python int, or an array with maximum=jnp.maximum)."""
+    return maximum(size - crop + stride - 1, 0) // stride + 1
+
+
+def _span(i, size, crop: int, stride: int, maximum=max, minimum=min):
+    """(start, end) of window i along an axis: ends at min(i * stride + crop, size), starts crop before."""
+    end = minimum(i * stride + crop, size)
+    return maximum(end - crop, 0), end
 
 
 def coverage_count(image_hw: Sequence[int], windows: Sequence[Window]) -> np.ndarray:
@@ -222,6 +231,126 @@ def segment(predict_fn: Callable[[jax.Array], jax.Array], image: jax.Array, orig
             num_classes: int, **kwargs) -> jax.Array:
     """Predicted classes (B, H0, W0) int32: argmax of `segment_probs` (same arguments)."""
     return jnp.argmax(segment_probs(predict_fn, image, original_size, num_classes, **kwargs), axis=-1)
+
+
+# ------------------------------------------------------------------------------ padded evaluation batches
+# The evaluation pipeline pads each keep-ratio-resized image bottom/right to a multiple of 256 and gives its
+# valid size (`image_hw`) and the original label size (`label_hw`) as data, so one program serves a handful
+# of padded shapes instead of one per image size. The functions below take those sizes as traced arrays and
+# reproduce, inside the valid region, the static functions above on the unpadded image (single scale, no
+# flip; run `segment` per image for the multi-scale + flip test).
+
+def _valid_mask(hw: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """(B, H, W, 1) True inside each image's valid (h, w) top-left region."""
+    rows = jnp.arange(shape[0])[None, :] < hw[:, :1]
+    cols = jnp.arange(shape[1])[None, :] < hw[:, 1:]
+    return (rows[:, :, None] & cols[:, None, :])[..., None]
+
+
+def _check_sizes(hw, batch: int, name: str) -> jax.Array:
+    hw = jnp.asarray(hw)
+    if hw.shape != (batch, 2) or not jnp.issubdtype(hw.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array of shape ({batch}, 2), got {hw.dtype}{tuple(hw.shape)}")
+    return hw.astype(jnp.int32)
+
+
+def slide_inference_padded(predict_fn: Callable[[jax.Array], jax.Array], image: jax.Array, image_hw: jax.Array,
+                           num_classes: int, crop: Sequence[int] | int = (512, 512),
+                           stride: Sequence[int] | int = (341, 341), *, pad_value: float = 0.0,
+                           chunk_size: Optional[int] = None) -> jax.Array:
+    """`slide_inference(small_crop="pad")` of each image's valid region, for padded (B, Hp, Wp, 3) batches.
+
+    image_hw (B, 2) holds the valid sizes (traced, at most the padded size, which is not checked on the
+    device). Every image gets the window count of the padded size;
+    window positions follow the formula for its own size, and windows beyond its own grid are run but add
+    nothing, so the valid region's sums (and their rounding) are those of the unpadded image. Pixels outside
+    the valid region are replaced by `pad_value` before cropping, so a window larger than the image sees what
+    small_crop="pad" gives it. Returns (B, Hp, Wp, num_classes) logits, 0 outside the valid region.
+    """
+    _check_images(image, "slide_inference_padded")
+    b, hp, wp, _ = image.shape
+    hw = _check_sizes(image_hw, b, "image_hw")
+    (ch, cw), (sh, sw) = _pair(crop, "crop"), _pair(stride, "stride")
+    eh, ew = max(hp, ch), max(wp, cw)  # room for a whole crop
+    valid = _valid_mask(hw, (eh, ew))
+    padded = jnp.pad(image, [(0, 0), (0, eh - hp), (0, ew - wp), (0, 0)])
+    padded = jnp.where(valid, padded, jnp.asarray(pad_value, image.dtype))
+
+    def starts(size, c, s, count):  # (B, count) start of each window and whether the image has it
+        i = jnp.arange(count)[None, :]
+        start, _ = _span(i, size[:, None], c, s, jnp.maximum, jnp.minimum)
+        return start, i < _grid_count(size[:, None], c, s, jnp.maximum)
+
+    (ys, y_on), (xs, x_on) = starts(hw[:, 0], ch, sh, _grid_count(hp, ch, sh)), starts(hw[:, 1], cw, sw,
+                                                                                      _grid_count(wp, cw, sw))
+    rows, cols = ys.shape[1], xs.shape[1]
+    ys, xs = jnp.repeat(ys, cols, axis=1), jnp.tile(xs, (1, rows))  # (B, K), rows outer as in the reference
+    active = jnp.repeat(y_on, cols, axis=1) & jnp.tile(x_on, (1, rows))
+    take = jax.vmap(jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (ch, cw, im.shape[-1])),
+                             (None, 0, 0)))
+    crops = jnp.swapaxes(take(padded, ys, xs), 0, 1).reshape(-1, ch, cw, image.shape[-1])  # window-major
+    logits = _logits_at(_run_in_chunks(predict_fn, [crops], chunk_size), (ch, cw), num_classes, crops.shape[0])
+    logits = logits.reshape(rows * cols, b, ch, cw, num_classes)
+    place = jax.vmap(lambda z, v, y, x: jax.lax.dynamic_update_slice(z, v, (y, x, 0)))
+    canvas = jnp.zeros((b, eh, ew, num_classes), jnp.float32)
+    count = jnp.zeros((b, eh, ew, 1), jnp.float32)
+    for k in range(rows * cols):
+        on = active[:, k, None, None, None]
+        canvas = canvas + place(jnp.zeros_like(canvas), jnp.where(on, logits[k], 0.0), ys[:, k], xs[:, k])
+        count = count + place(jnp.zeros_like(count), jnp.broadcast_to(on, (b, ch, cw, 1)).astype(jnp.float32),
+                              ys[:, k], xs[:, k])
+    count = jnp.where(valid, count, 1.0)  # exact division (see _divide_by_count); 0 / 1 outside
+    out = jnp.where(valid, canvas, 0.0) / jax.lax.optimization_barrier(jnp.broadcast_to(count, canvas.shape))
+    return out[:, :hp, :wp]
+
+
+def _bilinear_axis_traced(x: jax.Array, axis: int, in_size: jax.Array, out_size: jax.Array,
+                          length: int) -> jax.Array:
+    """resize.bilinear (align_corners False) along `axis` of (B, ...) x, from each example's first in_size[b]
+    entries to out_size[b] entries (sizes traced), written into a static `length`. The taps are computed
+    on the device with the float32 operations resize.py does on the host, but XLA on CPU contracts
+    multiply-adds into FMAs, so coordinates, weights and results may differ in the last bits (a few 1e-6
+    for values near 1, as resize.py itself does from PyTorch)."""
+    dst = jnp.arange(length, dtype=jnp.float32)[None, :]
+    scale = in_size.astype(jnp.float32)[:, None] / out_size.astype(jnp.float32)[:, None]
+    src = jnp.maximum(scale * (dst + jnp.float32(0.5)) - jnp.float32(0.5), jnp.float32(0))
+    last = in_size[:, None] - 1
+    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), last)
+    i1 = jnp.minimum(i0 + 1, last)
+    lam = src - i0.astype(jnp.float32)
+    shape = [x.shape[0]] + [1] * (x.ndim - 1)
+    shape[axis] = length
+
+    def tap(index, weight):
+        gathered = jnp.take_along_axis(x, jnp.clip(index, 0, x.shape[axis] - 1).reshape(shape), axis=axis)
+        return gathered * weight.reshape(shape)
+
+    return tap(i0, jnp.float32(1) - lam) + tap(i1, lam)
+
+
+def resize_padded(x: jax.Array, in_hw: jax.Array, out_hw: jax.Array, out_shape: Sequence[int]) -> jax.Array:
+    """Bilinear (align_corners False, no antialias) resize of each (B, H, W, C) example's valid in_hw region
+    to its out_hw, in a static (B, *out_shape, C) array, 0 outside out_hw. resize.bilinear's taps on the
+    unpadded arrays, with traced sizes."""
+    b = x.shape[0]
+    in_hw, out_hw = _check_sizes(in_hw, b, "in_hw"), _check_sizes(out_hw, b, "out_hw")
+    out_shape = _pair(tuple(out_shape), "out_shape")
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x = _bilinear_axis_traced(x, 1, in_hw[:, 0], out_hw[:, 0], out_shape[0])
+    x = _bilinear_axis_traced(x, 2, in_hw[:, 1], out_hw[:, 1], out_shape[1])
+    return jnp.where(_valid_mask(out_hw, out_shape), x, 0.0)
+
+
+def segment_padded(predict_fn: Callable[[jax.Array], jax.Array], image: jax.Array, image_hw: jax.Array,
+                   label_hw: jax.Array, label_shape: Sequence[int], num_classes: int,
+                   crop: Sequence[int] | int = (512, 512), stride: Sequence[int] | int = (341, 341), *,
+                   pad_value: float = 0.0, chunk_size: Optional[int] = None) -> jax.Array:
+    """Single-scale mmseg test of a padded batch: slide inference of each valid region, bilinear resize to
+    its original (label) size, softmax, argmax. Returns (B, *label_shape) int32 classes; outside label_hw
+    the logits are 0 and the class is 0 (the padded labels are 255 there, ignored by the metric)."""
+    logits = slide_inference_padded(predict_fn, image, image_hw, num_classes, crop, stride, pad_value=pad_value,
+                                    chunk_size=chunk_size)
+    return jnp.argmax(jax.nn.softmax(resize_padded(logits, image_hw, label_hw, label_shape), axis=-1), axis=-1)
 
 
 # ------------------------------------------------------------------------------------------------- depth
