@@ -79,6 +79,11 @@ class CLIPTextOutput:
     pooled: jax.Array  # (B, D): last_hidden_state at the EOS token (transformers' pooler_output)
 
 
+# openai/clip-vit-large-patch14's text tower: the SD v1.x text encoder, and VPD's refer and class-embedding CLIP.
+CLIP_VIT_L14_TEXT = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                   num_attention_heads=12)
+
+
 class CLIPAttention(nn.Module):
     """Causal multi-head self-attention with q/k/v/out projections, all with bias."""
 

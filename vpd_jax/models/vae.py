@@ -86,6 +86,10 @@ class VAEConfig:
         return cls(**kwargs)
 
 
+# The VAE of Stable Diffusion v1.x and v2.x (ldm: ch 128, ch_mult (1, 2, 4, 4), 2 res blocks, spec/vpd.md 1.1).
+SD_VAE = VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
+
+
 @flax.struct.dataclass
 class DiagonalGaussian:
     """The posterior N(mean, exp(logvar)); logvar is already clipped to [-30, 20] as in diffusers."""
