@@ -62,8 +62,9 @@ def data_config(task: str, name: str, **overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict({
         "task": task,
         "name": name,
-        "data_dir": None,
-        "manual_dir": None,
+        # Placeholders: None by default, but typed, so that --config.data.data_dir=... can set them.
+        "data_dir": ml_collections.config_dict.placeholder(str),
+        "manual_dir": ml_collections.config_dict.placeholder(str),
         "on_bad_input": "raise",
         "split": "train",
         "eval_split": "validation",
@@ -74,7 +75,7 @@ def data_config(task: str, name: str, **overrides) -> ml_collections.ConfigDict:
         "num_parallel_calls": -1,
         "prefetch": 2,
         "text_max_length": 77,
-        "scene_class_fallback": None,
+        "scene_class_fallback": ml_collections.config_dict.placeholder(int),
         "seg_eval_pad_multiple": 256,
         "aug": _to_config_dict(transform_config_class(task)()),
     })

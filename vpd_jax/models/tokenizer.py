@@ -61,3 +61,32 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     from transformers import CLIPTokenizer
 
     return Tokenizer(CLIPTokenizer.from_pretrained(resolve_tokenizer_folder(path), local_files_only=True))
+
+
+class WordHashTokenizer:
+    """A stand-in for runs with no CLIP tokenizer files (scratch training of a tiny model, the demo, tests):
+    lower-cased words -> a stable hash into [1, vocab_size - 1), with BOS = 0 and EOS = padding = vocab_size - 1,
+    laid out like CLIP's ids (BOS, words, EOS, EOS padding). It carries no pretrained meaning; a model trained
+    with it must be evaluated with it."""
+
+    def __init__(self, vocab_size: int):
+        if vocab_size < 3:
+            raise ValueError(f"WordHashTokenizer needs vocab_size >= 3, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.bos_token_id, self.eos_token_id = 0, vocab_size - 1
+        self.pad_token_id = self.eos_token_id
+
+    def _word_id(self, word: str) -> int:
+        import zlib
+
+        return 1 + zlib.crc32(word.encode("utf-8")) % (self.vocab_size - 2)
+
+    def __call__(self, texts: Sequence[str], max_length: int) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("WordHashTokenizer expects a sequence of strings, got a single str")
+        ids = np.full((len(texts), max_length), self.pad_token_id, np.int32)
+        for row, text in enumerate(texts):
+            words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
+            tokens = [self.bos_token_id, *map(self._word_id, words)][: max_length - 1] + [self.eos_token_id]
+            ids[row, : len(tokens)] = tokens
+        return ids

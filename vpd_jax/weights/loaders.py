@@ -157,26 +157,33 @@ def _load_state_and_config(path, kind: _Kind, config: ConfigArg) -> tuple[StateD
     return state, override or _read_config(sibling), origin, target
 
 
-def _load(path, kind: _Kind, config: ConfigArg, build: Callable[[dict], Any]):
+def _load(path, kind: _Kind, config: ConfigArg, on_host: bool, build: Callable[[dict], Any]):
     state, config_dict, origin, source = _load_state_and_config(path, kind, config)
     module = build(config_dict)
     params = convert_state_dict(state, abstract_params(module), source=source, ignore=kind.ignore, key_origin=origin)
-    return module, jax.tree.map(jnp.asarray, params)
+    return module, params if on_host else jax.tree.map(jnp.asarray, params)
 
 
-def load_unet(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None, **module_kwargs):
+# on_host=True returns numpy arrays (host memory) instead of arrays on the default device: the train library
+# places them straight into their shards over the mesh.
+
+
+def load_unet(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None, on_host: bool = False,
+              **module_kwargs):
     """(UNet2DConditionModel, params) from a diffusers unet folder, a pipeline root or a CompVis SD file."""
-    return _load(path, _UNET, config, lambda c: UNet2DConditionModel(
+    return _load(path, _UNET, config, on_host, lambda c: UNet2DConditionModel(
         config=UNetConfig.from_dict(c), dtype=dtype, param_dtype=param_dtype, **module_kwargs))
 
 
-def load_vae(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None, **module_kwargs):
+def load_vae(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None, on_host: bool = False,
+             **module_kwargs):
     """(AutoencoderKLEncoder, params) from a diffusers vae folder, a pipeline root or a CompVis SD / VAE file."""
-    return _load(path, _VAE, config, lambda c: AutoencoderKLEncoder(
+    return _load(path, _VAE, config, on_host, lambda c: AutoencoderKLEncoder(
         VAEConfig.from_dict(c), dtype=dtype, param_dtype=param_dtype, **module_kwargs))
 
 
-def load_text_encoder(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None, **module_kwargs):
+def load_text_encoder(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None,
+                      on_host: bool = False, **module_kwargs):
     """(CLIPTextModel, params) from an HF CLIP (text) model folder or a diffusers pipeline root."""
-    return _load(path, _TEXT, config, lambda c: CLIPTextModel(
+    return _load(path, _TEXT, config, on_host, lambda c: CLIPTextModel(
         CLIPTextConfig.from_dict(c), dtype=dtype, param_dtype=param_dtype, **module_kwargs))

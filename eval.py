@@ -1,0 +1,27 @@
+"""Evaluate a run's checkpoint: python eval.py --config=configs/<file>.py[:arg] --workdir=DIR [--step=N].
+
+Reads DIR/checkpoints (or --config.resume=<checkpoint dir>) and writes DIR/eval_<step>.json. Multi-host flags
+as in train.py.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from vpd_jax import launch  # defines the multi-host flags; imports no JAX
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "The run directory (its checkpoints/ are evaluated).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    launch.initialize_distributed()
+    from vpd_jax import eval_lib
+
+    eval_lib.evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.step)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,98 @@
+"""Run logs: metrics.jsonl and TensorBoard summaries (process 0), the console progress line, run metadata."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from typing import Any, Mapping
+
+import jax
+from absl import logging
+
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-cpu", "tensorflow", "tensorflow-datasets",
+             "ml-collections", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    versions["devices"] = f"{jax.device_count()} x {jax.devices()[0].device_kind}, {jax.process_count()} process(es)"
+    return versions
+
+
+def write_run_metadata(workdir: str, config) -> None:
+    """The resolved config and the library versions, next to the checkpoints (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    with open(os.path.join(workdir, "versions.json"), "w") as f:
+        json.dump(library_versions(), f, indent=2)
+
+
+class MetricWriter:
+    """Appends {"step": s, ...} lines to <workdir>/metrics.jsonl and scalar summaries to TensorBoard, on
+    process 0; other processes write nothing."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        import tensorflow as tf  # the input pipeline has imported it already
+
+        self._tf = tf
+        self._summary = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: Mapping[str, Any], prefix: str = "") -> None:
+        if not self.active:
+            return
+        values = {f"{prefix}{k}": v for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **values}, default=float) + "\n")
+        self._jsonl.flush()
+        with self._summary.as_default():
+            for name, value in values.items():
+                if isinstance(value, (int, float)):
+                    self._tf.summary.scalar(name, value, step=int(step))
+        self._summary.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self._jsonl.close()
+            self._summary.close()
+
+
+class Progress:
+    """Step rate and ETA over the steps run in this process (a resumed run does not count restored steps)."""
+
+    def __init__(self, first_step: int, total_steps: int, examples_per_step: int):
+        self.first_step, self.total_steps, self.examples_per_step = first_step, total_steps, examples_per_step
+        self.start = self._last_time = time.perf_counter()
+        self._last_step = first_step
+
+    def update(self, step: int) -> dict[str, float]:
+        """Rates since the previous call; logs a progress line."""
+        now = time.perf_counter()
+        steps = max(step - self._last_step, 1)
+        step_time = (now - self._last_time) / steps
+        self._last_step, self._last_time = step, now
+        done = step - self.first_step
+        average = (now - self.start) / max(done, 1)
+        eta = average * (self.total_steps - step)
+        logging.info("step %d/%d  %.3f s/step  %.1f img/s  ETA %s", step, self.total_steps, step_time,
+                     self.examples_per_step / step_time, _duration(eta))
+        return {"step_time": step_time, "images_per_sec": self.examples_per_step / step_time}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

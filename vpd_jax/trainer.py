@@ -1,0 +1,220 @@
+"""The pieces of a run shared by training and evaluation: architecture, per-host data config, the sharded
+train state (created, restored or loaded from pretrained weights directly into its shards) and the jitted step.
+
+The train state is a dict: step, params (trainable), frozen (VAE, CLIP), batch_stats, opt_state, and the
+count / last step of non-finite updates (which are never applied, see config.nonfinite).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vpd_jax import optim, parallel, tasks
+from vpd_jax.models import presets
+from vpd_jax.weights import load_text_encoder, load_unet, load_vae
+
+# UNet parameters of a pretrained SD checkpoint that VPD never uses (it stops before the output head,
+# spec/vpd.md 1.2 item 5); everything else must match the model exactly.
+UNUSED_PRETRAINED_UNET = ("conv_norm_out", "conv_out")
+
+
+# ------------------------------------------------------------------------------------------- configuration
+
+
+def sharding_rules(config) -> tuple:
+    return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+                 for name, axes in config.sharding_rules)
+
+
+def resolve_architecture(config) -> presets.Architecture:
+    """The preset named by config.model.arch, or (arch 'init') the architecture of the config.init files."""
+    if config.model.arch != "init":
+        return presets.architecture(config.model.arch)
+    if not config.init:
+        raise ValueError("config.model.arch='init' reads the architecture from config.init, which is empty; set "
+                         "config.init to a Stable Diffusion folder/file or config.model.arch to a preset "
+                         f"({sorted(presets.ARCHITECTURES)})")
+    if not os.path.exists(config.init):
+        raise FileNotFoundError(f"config.init={config.init!r}: pretrained weights not found")
+    unet, _ = load_unet(config.init, on_host=True)
+    vae, _ = load_vae(config.init, on_host=True)
+    text = presets.architecture("sd15").text
+    if config.task == "refer":
+        text, _ = load_text_encoder(_text_encoder_path(config), on_host=True)
+        text = text.config
+    return presets.Architecture(unet.config, vae.config, text)
+
+
+def _text_encoder_path(config) -> str:
+    return config.model.text_encoder or config.init
+
+
+def host_data_config(config, process_count: int) -> ml_collections.ConfigDict:
+    """config.data with the per-host batch sizes derived from the global ones."""
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % process_count:
+            raise ValueError(f"config.{name}={config[name]} is not divisible by the {process_count} processes")
+    data = copy.deepcopy(config.data)
+    data.unlock()
+    data.batch_size_per_host = config.batch_size // process_count
+    data.eval_batch_size_per_host = config.eval_batch_size // process_count
+    data.lock()
+    return data
+
+
+def example_batch(dataset, data) -> dict[str, np.ndarray]:
+    """A one-example batch of zeros with the pipeline's keys, shapes and dtypes (text -> tokens)."""
+    batch = {}
+    for key, spec in dataset.element_spec.items():
+        if key == "text":
+            batch["tokens"] = np.zeros((1, data.text_max_length), np.int32)
+        elif spec.dtype.is_numpy_compatible and spec.dtype.name != "string":
+            batch[key] = np.zeros((1, *spec.shape[1:]), spec.dtype.as_numpy_dtype)
+    return batch
+
+
+def device_batch(batch: dict, sharding: NamedSharding) -> dict:
+    """Per-host numpy batch -> global arrays sharded over the batch axis (strings stay on the host)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()
+            if np.asarray(v).dtype.kind in "biuf"}
+
+
+# ------------------------------------------------------------------------------------------------ the state
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything the step functions close over."""
+
+    config: ml_collections.ConfigDict
+    task: tasks.Task
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    tx: optax.GradientTransformation
+    info: optim.OptimizerInfo
+    example: dict
+    state_shardings: Any
+    abstract_state: Any
+    batch_sharding: NamedSharding
+    replicated: NamedSharding
+
+    def create_state(self, rng: jax.Array) -> dict:
+        variables = nn.meta.unbox(self.task.init_variables(rng, self.example, self.task.constants))
+        return self.state_from_variables(variables["params"], variables.get("batch_stats", {}))
+
+    def state_from_variables(self, params: dict, batch_stats: dict) -> dict:
+        trainable, frozen = self.info.split(params)
+        return dict(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen, batch_stats=batch_stats,
+                    opt_state=self.tx.init(trainable), nonfinite=jnp.zeros((), jnp.int32),
+                    last_nonfinite_step=jnp.full((), -1, jnp.int32))
+
+    def variables(self, state: dict, use_ema: bool = False) -> dict:
+        params = state["params"]
+        if use_ema:
+            params = optim.ema_params(state["opt_state"]) or params
+        return {"params": self.info.merge(params, state["frozen"]), "batch_stats": state["batch_stats"]}
+
+    def train_step(self, state: dict, batch: dict, constants: dict) -> tuple[dict, dict]:
+        step = state["step"]
+        rng = jax.random.fold_in(jax.random.key(self.config.seed), step)
+
+        def loss_fn(trainable):
+            variables = {"params": self.info.merge(trainable, state["frozen"]), "batch_stats": state["batch_stats"]}
+            output, new_stats = self.task.apply(variables, batch, constants, train=True, rng=rng)
+            return self.task.loss(output, batch), new_stats
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        new_state = dict(
+            step=step + 1,
+            params=keep_if_finite(params, state["params"]),
+            frozen=state["frozen"],
+            batch_stats=keep_if_finite(new_stats if new_stats is not None else state["batch_stats"],
+                                       state["batch_stats"]),
+            opt_state=keep_if_finite(opt_state, state["opt_state"]),
+            nonfinite=state["nonfinite"] + (~finite).astype(jnp.int32),
+            last_nonfinite_step=jnp.where(finite, state["last_nonfinite_step"], step),
+        )
+        metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+                       lr=self.info.lr_at_step(step))
+        return new_state, metrics
+
+    def jit_train_step(self):
+        constants_sharding = jax.tree.map(lambda _: self.replicated, self.task.constants)
+        return jax.jit(self.train_step, donate_argnums=(0,),
+                       in_shardings=(self.state_shardings, self.batch_sharding, constants_sharding),
+                       out_shardings=(self.state_shardings, self.replicated))
+
+
+def build_trainer(config, task: tasks.Task, mesh, data, dataset) -> Trainer:
+    rules = sharding_rules(config)
+    example = example_batch(dataset, data)
+    total_updates = config.total_steps // config.optim.grad_accum_steps
+    with nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(lambda rng: task.init_variables(rng, example, task.constants), jax.random.key(0))
+    tx, info = optim.make_optimizer(config.optim, boxed["params"], total_updates,
+                                    steps_per_epoch=config.steps_per_epoch or None)
+    trainer = Trainer(config, task, mesh, rules, tx, info, example, None, None,
+                      NamedSharding(mesh, P(("data", "fsdp"))), NamedSharding(mesh, P()))
+    boxed_state = jax.eval_shape(lambda: trainer.state_from_variables(boxed["params"], boxed.get("batch_stats", {})))
+    trainer.state_shardings = parallel.logical_to_shardings(boxed_state, mesh, rules)
+    trainer.abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                          nn.meta.unbox(boxed_state), trainer.state_shardings)
+    logging.info("parameter groups:\n%s", info.summary(nn.meta.unbox(boxed["params"])))
+    return trainer
+
+
+def _place(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array into its shards (each device gets only its slice)."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _pretrained_subtrees(config, task: tasks.Task) -> dict[str, dict]:
+    """The model's parameter subtrees that config.init (and model.text_encoder) provide, as host arrays."""
+    _, unet = load_unet(config.init, on_host=True)
+    _, vae = load_vae(config.init, on_host=True)
+    loaded = {"unet": {k: v for k, v in unet.items() if k not in UNUSED_PRETRAINED_UNET}, "vae": vae}
+    if "text_encoder" in task.frozen_subtrees:
+        _, loaded["text_encoder"] = load_text_encoder(_text_encoder_path(config), on_host=True)
+    return loaded
+
+
+def load_pretrained(trainer: Trainer, state: dict, path: str) -> dict:
+    """Replace the UNet / VAE (/ CLIP) parameters of a freshly created state by the pretrained ones, placed
+    directly into their shards, and rebuild the optimizer state (and EMA) from them."""
+    config = trainer.config
+    loaded = flatten_dict(_pretrained_subtrees(config, trainer.task))
+    params = flatten_dict(trainer.info.merge(state["params"], state["frozen"]))
+    shardings = flatten_dict(trainer.info.merge(trainer.state_shardings["params"], trainer.state_shardings["frozen"]))
+    missing = sorted("/".join(p) for p in params if p[0] in {q[0] for q in loaded} and p not in loaded)
+    unexpected = sorted("/".join(p) for p in loaded if p not in params)
+    mismatched = sorted(f"{'/'.join(p)}: {loaded[p].shape} vs model {params[p].shape}" for p in loaded
+                        if p in params and loaded[p].shape != params[p].shape)
+    if missing or unexpected or mismatched:
+        raise ValueError(f"config.init={path!r} does not fit the model: missing {missing[:10]}, unexpected "
+                         f"{unexpected[:10]}, mis-shaped {mismatched[:10]}")
+    for p, value in loaded.items():
+        params[p] = _place(np.asarray(value, params[p].dtype), shardings[p])
+    make_state = jax.jit(trainer.state_from_variables, out_shardings=trainer.state_shardings)
+    return make_state(unflatten_dict(params), state["batch_stats"])
+
+
