@@ -1,0 +1,171 @@
+"""Pictures of inputs, labels and predictions: palettes, overlays, depth colour maps with a colour bar,
+attention heatmaps per token, legends and side-by-side panels (uint8 RGB numpy arrays, written with Pillow).
+
+Used by the demo, predict.py and evaluation; nothing here depends on JAX.
+"""
+from __future__ import annotations
+
+import colorsys
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# mmseg's ADE20K palette (class i of the 150, after reduce_zero_label), as r,g,b triples.
+_ADE20K_PALETTE = """
+    120,120,120 180,120,120 6,230,230 80,50,50 4,200,3 120,120,80 140,140,140 204,5,255 230,230,230 4,250,7
+    224,5,255 235,255,7 150,5,61 120,120,70 8,255,51 255,6,82 143,255,140 204,255,4 255,51,7 204,70,3 0,102,200
+    61,230,250 255,6,51 11,102,255 255,7,71 255,9,224 9,7,230 220,220,220 255,9,92 112,9,255 8,255,214 7,255,224
+    255,184,6 10,255,71 255,41,10 7,255,255 224,255,8 102,8,255 255,61,6 255,194,7 255,122,8 0,255,20 255,8,41
+    255,5,153 6,51,255 235,12,255 160,150,20 0,163,255 140,140,140 250,10,15 20,255,0 31,255,0 255,31,0 255,224,0
+    153,255,0 0,0,255 255,71,0 0,235,255 0,173,255 31,0,255 11,200,200 255,82,0 0,255,245 0,61,255 0,255,112
+    0,255,133 255,0,0 255,163,0 255,102,0 194,255,0 0,143,255 51,255,0 0,82,255 0,255,41 0,255,173 10,0,255
+    173,255,0 0,255,153 255,92,0 255,0,255 255,0,245 255,0,102 255,173,0 255,0,20 255,184,184 0,31,255 0,255,61
+    0,71,255 255,0,204 0,255,194 0,255,82 0,10,255 0,112,255 51,0,255 0,194,255 0,122,255 0,255,163 255,153,0
+    0,255,10 255,112,0 143,255,0 82,0,255 163,255,0 255,235,0 8,184,170 133,0,255 0,255,92 184,0,255 255,0,31
+    0,184,255 0,214,255 255,0,112 92,255,0 0,224,255 112,224,255 70,184,160 163,0,255 153,0,255 71,255,0 255,0,163
+    255,204,0 255,0,143 0,255,235 133,255,0 255,0,235 245,0,255 255,0,122 255,245,0 10,190,212 214,255,0 0,204,255
+    20,0,255 255,255,0 0,153,255 0,41,255 0,255,204 41,0,255 41,255,0 173,0,255 0,245,255 71,0,255 122,0,255
+    0,255,184 0,92,255 184,255,0 0,133,255 255,214,0 25,194,194 102,255,0 92,0,255"""
+ADE20K_PALETTE = np.array([[int(c) for c in t.split(",")] for t in _ADE20K_PALETTE.split()], np.uint8)
+
+# Anchors of matplotlib's viridis (perceptually uniform, luminance increasing from dark purple to yellow).
+_VIRIDIS = np.array([[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141], [39, 173, 129],
+                     [92, 200, 99], [170, 220, 50], [253, 231, 37]], np.float64)
+IGNORE_COLOUR = (0, 0, 0)
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8: ADE20K's palette for its 150 classes, else well-separated generated hues."""
+    if num_classes == len(ADE20K_PALETTE):
+        return ADE20K_PALETTE
+    hues = (np.arange(num_classes) * 0.618033988749895) % 1.0
+    colours = [colorsys.hsv_to_rgb(h, 0.75 if i % 2 else 0.95, 0.95 if i % 3 else 0.8) for i, h in enumerate(hues)]
+    return (np.asarray(colours) * 255).round().astype(np.uint8)
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) colours; ignored or out-of-range ids are black."""
+    labels = np.asarray(labels)
+    valid = (labels >= 0) & (labels < len(palette)) & (labels != ignore_index)
+    out = np.zeros((*labels.shape, 3), np.uint8)
+    out[:] = IGNORE_COLOUR
+    out[valid] = palette[labels[valid]]
+    return out
+
+
+def overlay(image: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend an (H, W, 3) colour layer over an (H, W, 3) uint8 image."""
+    blend = (1 - alpha) * np.asarray(image, np.float64) + alpha * np.asarray(colours, np.float64)
+    return blend.round().clip(0, 255).astype(np.uint8)
+
+
+def colormap(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """Values -> viridis colours (luminance increases with the value); NaN and non-finite values are black."""
+    values = np.asarray(values, np.float64)
+    finite = np.isfinite(values)
+    span = vmax - vmin if vmax > vmin else 1.0
+    t = np.clip((np.where(finite, values, vmin) - vmin) / span, 0, 1) * (len(_VIRIDIS) - 1)
+    low = np.floor(t).astype(int).clip(0, len(_VIRIDIS) - 2)
+    frac = (t - low)[..., None]
+    rgb = (1 - frac) * _VIRIDIS[low] + frac * _VIRIDIS[low + 1]
+    rgb[~finite] = 0
+    return rgb.round().astype(np.uint8)
+
+
+def _font(size: int = 11):
+    return ImageFont.load_default(size=size)
+
+
+def colorbar(height: int, vmin: float, vmax: float, label: str = "", width: int = 16, ticks: int = 5) -> np.ndarray:
+    """A vertical colour bar (vmax at the top) with tick labels, as an RGB array of the given height."""
+    bar = colormap(np.linspace(vmax, vmin, height)[:, None].repeat(width, 1), vmin, vmax)
+    canvas = Image.new("RGB", (width + 52, height), "white")
+    canvas.paste(Image.fromarray(bar), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for value in np.linspace(vmin, vmax, ticks):
+        y = int(round((vmax - value) / (vmax - vmin or 1) * (height - 1)))
+        draw.line([(width, y), (width + 3, y)], fill="black")
+        draw.text((width + 5, min(max(y - 6, 0), height - 12)), f"{value:.3g}", fill="black", font=_font())
+    if label:
+        draw.text((width + 5, height - 12), label, fill="black", font=_font())
+    return np.asarray(canvas)
+
+
+def legend(names: Sequence[str], colours: np.ndarray, swatch: int = 12) -> np.ndarray:
+    """One row per class: a colour swatch and the class name."""
+    width = swatch + 8 + max((len(n) for n in names), default=1) * 7
+    canvas = Image.new("RGB", (width, max(len(names), 1) * (swatch + 4) + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, colour) in enumerate(zip(names, colours)):
+        y = 4 + i * (swatch + 4)
+        draw.rectangle([4, y, 4 + swatch, y + swatch], fill=tuple(int(c) for c in colour), outline="black")
+        draw.text((swatch + 10, y), name, fill="black", font=_font())
+    return np.asarray(canvas)
+
+
+def heatmap(attention: np.ndarray, image: np.ndarray | None = None, alpha: float = 0.6) -> np.ndarray:
+    """An (h, w) map min-max normalised, resized (nearest) to the image and coloured, optionally over the image."""
+    attention = np.asarray(attention, np.float64)
+    low, high = np.nanmin(attention), np.nanmax(attention)
+    colours = colormap(attention, low, high if high > low else low + 1)
+    if image is None:
+        return colours
+    resized = np.asarray(Image.fromarray(colours).resize(image.shape[1::-1], Image.NEAREST))
+    return overlay(image, resized, alpha)
+
+
+def titled(image: np.ndarray, title: str) -> np.ndarray:
+    """The image with a one-line title above it."""
+    image = np.asarray(image, np.uint8)
+    canvas = Image.new("RGB", (max(image.shape[1], 7 * len(title) + 4), image.shape[0] + 16), "white")
+    canvas.paste(Image.fromarray(image), (0, 16))
+    ImageDraw.Draw(canvas).text((2, 2), title, fill="black", font=_font())
+    return np.asarray(canvas)
+
+
+def side_by_side(images: Sequence[np.ndarray], gap: int = 6) -> np.ndarray:
+    """Images in a row, top-aligned on a white background."""
+    height = max(im.shape[0] for im in images)
+    width = sum(im.shape[1] for im in images) + gap * (len(images) - 1)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    x = 0
+    for im in images:
+        canvas[: im.shape[0], x: x + im.shape[1]] = im
+        x += im.shape[1] + gap
+    return canvas
+
+
+def stack(rows: Sequence[np.ndarray], gap: int = 6) -> np.ndarray:
+    """Images in a column, left-aligned on a white background."""
+    width = max(r.shape[1] for r in rows)
+    height = sum(r.shape[0] for r in rows) + gap * (len(rows) - 1)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    y = 0
+    for r in rows:
+        canvas[y: y + r.shape[0], : r.shape[1]] = r
+        y += r.shape[0] + gap
+    return canvas
+
+
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement, for looking at small images."""
+    return np.asarray(image).repeat(factor, 0).repeat(factor, 1)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A [-1, 1] float image (the models' input range) -> uint8 RGB."""
+    return ((np.asarray(image, np.float64) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+def save_png(path: str, image: np.ndarray) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(np.asarray(image)).save(path)
+    return path
+
+
+def save_depth_png(path: str, depth_m: np.ndarray) -> str:
+    """Depth in metres -> 16-bit PNG in millimetres (the NYU / KITTI convention; 0 = no value)."""
+    mm = np.where(np.isfinite(depth_m), np.asarray(depth_m, np.float64) * 1000, 0).round().clip(0, 65535)
+    return save_png(path, mm.astype(np.uint16))
