@@ -1,11 +1,11 @@
-# The two commands of the README: `make test` and (once it exists) `make demo`.
+# The two commands of the README: `make demo` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast venv clean-venv
+.PHONY: demo test test-fast venv clean-venv
 
 venv: $(STAMP)
 
@@ -13,6 +13,10 @@ $(STAMP): requirements.txt requirements-test.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-test.txt -c constraints.txt
 	touch $(STAMP)
+
+# Train VPD segmentation and depth from scratch on vpd_shapes (CPU, minutes); results in runs/demo/.
+demo: $(STAMP)
+	$(PY) -m vpd_jax.demo --workdir=runs/demo
 
 # The whole suite, as CI runs it.
 test: $(STAMP)
