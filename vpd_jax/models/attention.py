@@ -1,4 +1,4 @@
-"""Multi-head attention: one functional core and the diffusers-named `Attention` layer.
+"""Multi-head attention: one functional core, the diffusers-named `Attention` layer and LD-ZNet's `AttentionPool2d`.
 
 The core either returns the head-averaged softmax probabilities (computed explicitly, softmax in float32) or,
 when nobody asked for them, calls `jax.nn.dot_product_attention`, which may dispatch to a fused kernel
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from vpd_jax.models.layers import Dense
+from vpd_jax.models.resize import bicubic
 
 Dtype = Any
 
@@ -87,3 +88,43 @@ class Attention(nn.Module):
             q, k, v, self.num_heads, return_probs=return_probs, upcast=self.upcast or self.dtype != jnp.float32)
         out = Dense(x.shape[-1], axes=("heads", "embed"), name="to_out_0", **dense)(out)
         return out, probs
+
+
+class AttentionPool2d(nn.Module):
+    """LD-ZNet's attention pool over a (B, h, w, C) feature map (spec/ldznet.md 2.4), keeping every token.
+
+    Tokens are the spatial mean followed by the h*w positions (row-major), plus a learned positional embedding
+    for a `spatial_dim` x `spatial_dim` grid (stored as (1 + S*S, C), the reference's (C, tokens) transposed,
+    spec 7.20). Other grid sizes use the spatial part bicubic-resized with PyTorch's kernel (a = -0.75,
+    align_corners=False) and the mean token's embedding unchanged. `qkv_proj` is chunked into q | k | v first,
+    then each into `num_heads` contiguous channel groups; softmax over all 1 + h*w keys in float32; `c_proj`.
+    No normalisation and no residual. Returns (B, 1 + h*w, C).
+
+    The reference scales q and k by head_dim ** -1/4 each; one head_dim ** -1/2 on the logits is the same map.
+    """
+
+    spatial_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, channels = x.shape
+        if channels % self.num_heads:
+            raise ValueError(f"AttentionPool2d: {channels} channels are not divisible into {self.num_heads} heads")
+        side = self.spatial_dim
+        pos = self.param(
+            "positional_embedding",
+            nn.with_logical_partitioning(lambda key, shape, dtype: jax.random.normal(key, shape, dtype)
+                                         / channels ** 0.5, ("pos", "embed")),
+            (1 + side * side, channels), self.param_dtype).astype(jnp.float32)
+        if (height, width) != (side, side):
+            grid = bicubic(pos[1:].reshape(side, side, channels), (height, width)).reshape(height * width, channels)
+            pos = jnp.concatenate([pos[:1], grid], axis=0)
+        tokens = x.astype(jnp.float32).reshape(batch, height * width, channels)
+        tokens = jnp.concatenate([tokens.mean(axis=1, keepdims=True), tokens], axis=1) + pos[None]
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q, k, v = jnp.split(Dense(3 * channels, axes=("embed", "mlp"), name="qkv_proj", **dense)(tokens), 3, axis=-1)
+        out, _ = multi_head_attention(q, k, v, self.num_heads)
+        return Dense(channels, axes=("mlp", "embed"), name="c_proj", **dense)(out)

@@ -9,11 +9,15 @@ Nothing is computed or kept that was not asked for: attention layers whose maps 
 `jax.nn.dot_product_attention` (a fused kernel where the platform has one), and with `output_sample=False` the
 forward stops after the block that produces the last requested tap (XLA also drops the unused tail when the
 sample is computed but not used under `jax.jit`).
+
+LD-ZNet's ZNet (spec/ldznet.md 2.4-2.5) is this UNet built with `attn_pools`: each named transformer gets an
+attention pool and an extra cross-attention (see transformer.py), and the call passes the feature map to pool
+for each of them in `pooled_inputs`.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -76,6 +80,7 @@ class _BlockBase(nn.Module):
     config: UNetConfig
     block_index: int  # index into the per-block config tuples (down order); the mid block uses the last one
     record: frozenset[str] = frozenset()
+    attn_pools: tuple[tuple[str, int], ...] = ()  # (transformer name, pool grid side), see UNet2DConditionModel
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -83,12 +88,15 @@ class _BlockBase(nn.Module):
         return ResnetBlock2D(channels, self.config.norm_num_groups, self.config.norm_eps, True, scale,
                              name=name, dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def _transformer(self, j: int, channels: int, layers: int) -> Transformer2DModel:
+    def _transformer(self, j: int, channels: int, layers: int, x: jax.Array, context: jax.Array,
+                     pooled_inputs: Mapping[str, jax.Array]) -> tuple[jax.Array, Records]:
         heads = self.config.num_attention_heads[self.block_index]
+        name = f"{self.prefix}.attentions.{j}"
         return Transformer2DModel(
-            f"{self.prefix}.attentions.{j}", heads, channels // heads, layers, self.config.norm_num_groups,
+            name, heads, channels // heads, layers, self.config.norm_num_groups,
             self.config.use_linear_projection, self.config.upcast_attention, self.record,
-            name=f"attentions_{j}", dtype=self.dtype, param_dtype=self.param_dtype)
+            dict(self.attn_pools).get(name, 0), name=f"attentions_{j}", dtype=self.dtype,
+            param_dtype=self.param_dtype)(x, context, pooled_inputs.get(name))
 
     def _keep(self, records: Records, name: str, x: jax.Array):
         if name in self.record:
@@ -102,7 +110,7 @@ class DownBlock(_BlockBase):
     add_downsample: bool = True
 
     @nn.compact
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, pooled_inputs):
         channels = self.config.block_out_channels[self.block_index]
         records: Records = {}
         skips = []
@@ -110,8 +118,8 @@ class DownBlock(_BlockBase):
             x = self._resnet(f"resnets_{j}", channels)(x, temb)
             self._keep(records, f"{self.prefix}.resnets.{j}", x)
             if self.has_attention:
-                x, rec = self._transformer(j, channels, self.config.transformer_layers_per_block[self.block_index])(
-                    x, context)
+                x, rec = self._transformer(j, channels, self.config.transformer_layers_per_block[self.block_index],
+                                           x, context, pooled_inputs)
                 records.update(rec)
             x = constrain(x, ACT_NHWC)
             skips.append(x)
@@ -128,13 +136,14 @@ class MidBlock(_BlockBase):
     """UNetMidBlock2DCrossAttn: resnets.0, then (attentions.j, resnets.j+1) once."""
 
     @nn.compact
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, pooled_inputs):
         channels = x.shape[-1]
         scale = self.config.mid_block_scale_factor
         records: Records = {}
         x = self._resnet("resnets_0", channels, scale)(x, temb)
         self._keep(records, f"{self.prefix}.resnets.0", x)
-        x, rec = self._transformer(0, channels, self.config.transformer_layers_per_block[-1])(x, context)
+        x, rec = self._transformer(0, channels, self.config.transformer_layers_per_block[-1], x, context,
+                                   pooled_inputs)
         records.update(rec)
         x = self._resnet("resnets_1", channels, scale)(x, temb)
         self._keep(records, f"{self.prefix}.resnets.1", x)
@@ -154,7 +163,7 @@ class UpBlock(_BlockBase):
     upsample_size: tuple[int, int] | None = None
 
     @nn.compact
-    def __call__(self, x, skips, temb, context):
+    def __call__(self, x, skips, temb, context, pooled_inputs):
         channels = self.config.block_out_channels[self.block_index]
         up_index = len(self.config.block_out_channels) - 1 - self.block_index
         records: Records = {}
@@ -164,8 +173,8 @@ class UpBlock(_BlockBase):
             x = self._resnet(f"resnets_{j}", channels)(x, temb)
             self._keep(records, f"{self.prefix}.resnets.{j}", x)
             if self.has_attention:
-                x, rec = self._transformer(j, channels, self.config.transformer_layers_per_block[self.block_index])(
-                    x, context)
+                x, rec = self._transformer(j, channels, self.config.transformer_layers_per_block[self.block_index],
+                                           x, context, pooled_inputs)
                 records.update(rec)
             x = constrain(x, ACT_NHWC)
         if self.upsample_size is not None:
@@ -174,6 +183,11 @@ class UpBlock(_BlockBase):
             self._keep(records, f"{self.prefix}.upsamplers.0", x)
         self._keep(records, self.prefix, x)
         return x, skips, records
+
+
+def _block_inputs(pooled_inputs: Mapping[str, jax.Array], prefix: str) -> dict[str, jax.Array]:
+    """The feature maps to pool that belong to one block (passed as a call argument, so remat sees arrays)."""
+    return {name: x for name, x in pooled_inputs.items() if name.startswith(prefix)}
 
 
 def _maybe_remat(cls, policy_name: str | None):
@@ -190,12 +204,16 @@ class UNet2DConditionModel(nn.Module):
     (see `UNetConfig.module_names`); an unknown name raises an error listing the valid ones.
 
     `remat_policy`: None (no rematerialisation) or a name in REMAT_POLICIES, applied per down/mid/up block.
+    `attn_pools`: ((transformer name, grid side), ...), e.g. (("mid_block.attentions.0", 6),): those transformers
+    get an `attn_pool` with a learned grid of that side and an attn3 in each block (LD-ZNet injection); the call
+    must then give `pooled_inputs` = {name: (B, h, w, C) feature map} for exactly these names.
     """
 
     config: UNetConfig = UNetConfig()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str | None = None
+    attn_pools: tuple[tuple[str, int], ...] = ()
 
     def dummy_inputs(self, batch: int = 1, size: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Example (sample, timesteps, context) for init / eval_shape; the spatial size is the smallest valid one."""
@@ -207,9 +225,18 @@ class UNet2DConditionModel(nn.Module):
     def valid_names(self) -> tuple[list[str], list[str]]:
         return self.config.module_names()
 
-    def _check_names(self, taps: Sequence[str], attn_maps: Sequence[str]):
+    def _check_names(self, taps: Sequence[str], attn_maps: Sequence[str], pooled_inputs: Mapping[str, jax.Array]):
         valid_taps, valid_maps = self.valid_names()
-        for kind, asked, valid in (("tap", taps, valid_taps), ("attention-map", attn_maps, valid_maps)):
+        transformers = [n for n in valid_taps if n.split(".")[-2:-1] == ["attentions"]]
+        pools = [name for name, _ in self.attn_pools]
+        bad_sides = [(name, side) for name, side in self.attn_pools if not isinstance(side, int) or side < 1]
+        if bad_sides:
+            raise ValueError(f"attn_pools grid sides must be positive ints, got {bad_sides}")
+        if sorted(pooled_inputs) != sorted(pools):
+            raise ValueError(f"pooled_inputs names {sorted(pooled_inputs)} differ from the attn_pools of this UNet "
+                             f"{sorted(pools)}")
+        for kind, asked, valid in (("tap", taps, valid_taps), ("attention-map", attn_maps, valid_maps),
+                                   ("attn_pools transformer", pools, transformers)):
             unknown = [n for n in asked if n not in set(valid)]
             if unknown:
                 raise ValueError(f"unknown {kind} names {unknown} for this UNet; valid {kind} names:\n  "
@@ -217,13 +244,15 @@ class UNet2DConditionModel(nn.Module):
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array, *,
-                 taps: Sequence[str] = (), attn_maps: Sequence[str] = (),
-                 output_sample: bool = True) -> UNetOutput:
+                 taps: Sequence[str] = (), attn_maps: Sequence[str] = (), output_sample: bool = True,
+                 pooled_inputs: Mapping[str, jax.Array] | None = None) -> UNetOutput:
         cfg = self.config
         taps, attn_maps = tuple(taps), tuple(attn_maps)
-        self._check_names(taps, attn_maps)
+        pooled_inputs = dict(pooled_inputs or {})
+        self._check_names(taps, attn_maps, pooled_inputs)
         wanted = frozenset(taps) | frozenset(attn_maps)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        block_kw = dict(attn_pools=self.attn_pools, **kw)
         records: Records = {}
 
         def done() -> bool:
@@ -251,14 +280,16 @@ class UNet2DConditionModel(nn.Module):
         for i, kind in enumerate(cfg.down_block_types):
             x, block_skips, rec = down_cls(
                 f"down_blocks.{i}", cfg, i, wanted, has_attention=kind == "CrossAttnDownBlock2D",
-                add_downsample=i < n - 1, name=f"down_blocks_{i}", **kw)(x, temb, context)
+                add_downsample=i < n - 1, name=f"down_blocks_{i}", **block_kw)(
+                    x, temb, context, _block_inputs(pooled_inputs, f"down_blocks.{i}."))
             skips += block_skips
             records.update(rec)
             if done():
                 return result(None)
 
-        x, rec = _maybe_remat(MidBlock, self.remat_policy)("mid_block", cfg, n - 1, wanted, name="mid_block", **kw)(
-            x, temb, context)
+        x, rec = _maybe_remat(MidBlock, self.remat_policy)("mid_block", cfg, n - 1, wanted, name="mid_block",
+                                                           **block_kw)(
+            x, temb, context, _block_inputs(pooled_inputs, "mid_block."))
         records.update(rec)
         if done():
             return result(None)
@@ -270,7 +301,8 @@ class UNet2DConditionModel(nn.Module):
             upsample_size = tuple(remaining[-1].shape[1:3]) if i < n - 1 else None
             x, _, rec = up_cls(
                 f"up_blocks.{i}", cfg, n - 1 - i, wanted, has_attention=kind == "CrossAttnUpBlock2D",
-                upsample_size=upsample_size, name=f"up_blocks_{i}", **kw)(x, skips[-consumed:], temb, context)
+                upsample_size=upsample_size, name=f"up_blocks_{i}", **block_kw)(
+                    x, skips[-consumed:], temb, context, _block_inputs(pooled_inputs, f"up_blocks.{i}."))
             skips = remaining
             records.update(rec)
             if done():
