@@ -112,12 +112,17 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
             for path, leaf in leaves}
 
 
+def _params_first(key: str) -> tuple[bool, str]:
+    """Sort key listing model parameters before the optimizer slots and statistics that repeat their names."""
+    return not key.startswith("params."), key
+
+
 def check_state_matches(saved: Any, target: Any, source: str) -> None:
     """Raise CheckpointMismatchError unless `saved` (Orbax metadata) and `target` have the same keys and shapes."""
     have, want = _flat_shapes(saved), _flat_shapes(target)
-    missing = sorted(want.keys() - have.keys())
-    unexpected = sorted(have.keys() - want.keys())
-    misshaped = sorted(k for k in want.keys() & have.keys() if tuple(have[k]) != tuple(want[k]))
+    missing = sorted(want.keys() - have.keys(), key=_params_first)
+    unexpected = sorted(have.keys() - want.keys(), key=_params_first)
+    misshaped = sorted((k for k in want.keys() & have.keys() if tuple(have[k]) != tuple(want[k])), key=_params_first)
     if not (missing or unexpected or misshaped):
         return
     lines = [f"checkpoint {source} does not fit the model: {len(missing)} missing, {len(unexpected)} unexpected, "
@@ -172,6 +177,11 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep,
             save_interval_steps=0 if read_only else save_interval_steps,
+            # Orbax's default policy also saves the first step of a run with no checkpoint yet; ours saves on the
+            # interval only (plus a preemption notice), so a run's checkpoint steps do not depend on restarts.
+            save_decision_policy=None if read_only else ocp.checkpoint_managers.AnySavePolicy([
+                ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]),
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only,  # leftovers of a run killed mid-save
             create=not read_only,
