@@ -13,12 +13,14 @@ x0.01), wd 0.1; test with two shifted 480 windows + flip, Eigen crop, per-image 
 """
 from vpd_jax.config_base import base_config
 
+ARGS = ("", "smoke")  # every argument get_config accepts ('' = none)
+
 
 def get_config(arg=None):
     if arg == "smoke":
         return smoke_config()
     if arg:
-        raise ValueError(f"unknown config argument {arg!r}; use none or 'smoke'")
+        raise ValueError(f"unknown config argument {arg!r}; use one of {ARGS}")
     c = base_config("depth", "nyu_depth_v2_bts")
     c.batch_size = 24
     c.eval_batch_size = 8

@@ -20,6 +20,7 @@ DATASETS = {
     "refcoco+": ("ref_coco/refcocoplus_unc", 40, 42_278),
     "refcocog": ("ref_coco/refcocog_umd", 77, 42_226),
 }
+ARGS = ("", *DATASETS, "smoke")  # every argument get_config accepts ('' = refcoco)
 
 
 def get_config(arg=None):
@@ -27,7 +28,7 @@ def get_config(arg=None):
     if arg == "smoke":
         return smoke_config()
     if arg not in DATASETS:
-        raise ValueError(f"unknown config argument {arg!r}; use one of {sorted(DATASETS)} or 'smoke'")
+        raise ValueError(f"unknown config argument {arg!r}; use one of {ARGS}")
     name, length, refs = DATASETS[arg]
     c = base_config("refer", name)
     c.data.text_max_length = length

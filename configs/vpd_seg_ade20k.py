@@ -12,12 +12,14 @@ Reference run: SD v1.5, Semantic FPN, 512x512 crops, global batch 16 (8 GPUs x 2
 """
 from vpd_jax.config_base import base_config
 
+ARGS = ("", "smoke")  # every argument get_config accepts ('' = none)
+
 
 def get_config(arg=None):
     if arg == "smoke":
         return smoke_config()
     if arg:
-        raise ValueError(f"unknown config argument {arg!r}; use none or 'smoke'")
+        raise ValueError(f"unknown config argument {arg!r}; use one of {ARGS}")
     c = base_config("seg", "ade20k")
     c.batch_size = 16
     c.eval_batch_size = 8

@@ -21,6 +21,7 @@ their task and paper need. Field meanings:
   mesh                 sizes of the ('data', 'fsdp', 'tensor') mesh axes; one may be -1
   sharding_rules       logical axis -> mesh axes (vpd_jax.parallel)
   log_every, ckpt_every, keep_ckpts, async_ckpt, eval_every (0 = only at the end), eval_max_batches (0 = all)
+  eval_at_start        also evaluate the state a run starts from at step 0 (eval_0.json: the untrained model)
   nonfinite            'stop': a NaN/inf loss or gradient stops the run naming the step; 'skip': the update is
                        skipped and counted. Either way a non-finite update never reaches the parameters.
   eval.*               evaluation protocol (spec 2.4, 3.6, 4.4)
@@ -63,6 +64,7 @@ def base_config(task: str, data_name: str) -> ml_collections.ConfigDict:
     c.keep_ckpts = 3
     c.async_ckpt = True
     c.eval_every = 0
+    c.eval_at_start = False
     c.eval_max_batches = 0
     c.nonfinite = "stop"
     c.eval = ml_collections.ConfigDict(dict(

@@ -59,10 +59,6 @@ class Evaluator:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, Any]:
     """eval.py: evaluates the checkpoint of `step` (default: the latest) in `workdir`/checkpoints, or, when the
     workdir has none, config.resume; writes eval_<step>.json to `workdir`."""
-    mesh = parallel.make_mesh(dict(config.mesh))
-    task = tasks.make_task(config, resolve_architecture(config))
-    data = host_data_config(config, jax.process_count())
-    trainer = build_trainer(config, task, mesh, data, pipelines.make_train_dataset(data))
     root = os.path.join(workdir, "checkpoints")
     if not (os.path.isdir(root) and os.listdir(root)):
         if not config.resume:
@@ -73,6 +69,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
         step = ckpt.latest_step() if step is None else step
         if step is None or step not in ckpt.all_steps():
             raise FileNotFoundError(f"{root}: no checkpoint for step {step} (steps: {ckpt.all_steps()})")
+        mesh = parallel.make_mesh(dict(config.mesh))
+        task = tasks.make_task(config, resolve_architecture(config))
+        data = host_data_config(config, jax.process_count())
+        trainer = build_trainer(config, task, mesh, data, pipelines.make_train_dataset(data))
         with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
             state = ckpt.restore(step, trainer.abstract_state)
             result = Evaluator(trainer, data).evaluate(state, config.eval_max_batches)

@@ -3,13 +3,35 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with auto-detection (TPU VMs, SLURM).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process start).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-process start).")
 flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-process start).")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for app.run(flags_parser=...), with a one-line error naming the override when a
+    `--config.<key>=...` names no field of the config: ml_collections raises a bare KeyError / AttributeError
+    from inside the --config flag's parser for it, which absl would show as a traceback ending in "'key'"."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as err:
+        cause = err
+        while isinstance(cause, AttributeError) and cause.args and isinstance(cause.args[0], KeyError):
+            cause = cause.args[0]
+        detail = str(cause.args[0] if cause.args else cause)
+        key = detail.split("\n")[0].strip("'\"")
+        overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
+        named = [o for o in overrides if key in o[len("--config."):].split(".")] or overrides
+        suggestion = " ".join(detail.split("\n")[1:])
+        message = (f"{' / '.join(named)}: the config has no field {key!r} (vpd_jax/config_base.py lists every "
+                   f"field). {suggestion}")
+        sys.stderr.write(f"FATAL Flags parsing error: {message.rstrip()}\n")
+        sys.exit(1)
 
 
 class _QuietLibraries:

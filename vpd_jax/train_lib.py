@@ -42,18 +42,64 @@ def prepare_generated_data(data) -> None:
 def _check_finite(state: dict, policy: str) -> None:
     count = int(state["nonfinite"])
     if count and policy == "stop":
-        raise NonFiniteError(f"non-finite loss or gradient at step {int(state['last_nonfinite_step'])}; the update "
-                             f"was not applied and the last checkpoint is intact (config.nonfinite='skip' skips such "
-                             f"steps instead)")
+        raise NonFiniteError(f"non-finite loss, gradient or update at train step {int(state['first_nonfinite_step'])}"
+                             f" ({count} such step(s) so far); no such update was applied and the last checkpoint is "
+                             "intact (config.nonfinite='skip' skips these steps instead)")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails at start, naming the key, on values the loop cannot use and on paths the run may read that do not
+    exist (instead of minutes later)."""
+    if config.nonfinite not in ("stop", "skip"):
+        raise ValueError(f"config.nonfinite={config.nonfinite!r}; use 'stop' or 'skip'")
+    for key in ("total_steps", "log_every", "ckpt_every"):
+        if config[key] <= 0:
+            raise ValueError(f"config.{key}={config[key]} must be positive")
+    for key in ("init", "resume"):
+        if config[key] and not os.path.exists(config[key]):
+            raise FileNotFoundError(f"config.{key}={config[key]!r} does not exist")
+    for key in ("text_encoder", "tokenizer", "class_embeddings"):
+        path = config.model[key]
+        if path and path not in ("hash", "random") and not os.path.exists(path):
+            raise FileNotFoundError(f"config.model.{key}={path!r} does not exist")
+
+
+def _config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """'key: checkpoint a, this run b' for every leaf that differs between a checkpoint's config and `config`."""
+    def flat(tree, prefix=""):
+        if not isinstance(tree, dict):
+            return {prefix[:-1]: tree}
+        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    old, new = flat(saved), flat(checkpoint.config_to_json(config))
+    return [f"{k}: checkpoint {old.get(k, '(absent)')!r}, this run {new.get(k, '(absent)')!r}"
+            for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def start_state(config, trainer, ckpt: checkpoint.Checkpointer, train_iter) -> checkpoint.StartState:
+    """The state the run starts from (checkpoint.restore_or_initialize: workdir, config.resume, config.init,
+    scratch), created or restored in its shards. A workdir checkpoint that does not fit the model is an error that
+    also lists how the config it was written with differs from this one."""
+    create = jax.jit(trainer.create_state, out_shardings=trainer.state_shardings)
+    try:
+        return checkpoint.restore_or_initialize(
+            ckpt, abstract_state=trainer.abstract_state, init_fn=lambda: create(jax.random.key(config.seed)),
+            data_iterator=train_iter, resume=config.resume, init=config.init,
+            load_init=lambda state, path: load_pretrained(trainer, state, path))
+    except checkpoint.CheckpointMismatchError as err:
+        step = ckpt.latest_step()
+        saved = ckpt.restore_config(step) if step is not None else None
+        if saved is None:
+            raise
+        differences = "\n  ".join(_config_differences(saved, config)[:20]) or "(none)"
+        raise checkpoint.CheckpointMismatchError(
+            f"{err}\nThe workdir's checkpoint {step} was written by a run whose config differs from this one in:\n  "
+            f"{differences}\nUse another --workdir, or the config that wrote it.") from None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final evaluation."""
-    if config.nonfinite not in ("stop", "skip"):
-        raise ValueError(f"config.nonfinite={config.nonfinite!r}; use 'stop' or 'skip'")
-    if config.total_steps <= 0:
-        raise ValueError(f"config.total_steps={config.total_steps} must be positive")
-    train_log.write_run_metadata(workdir, config)
+    check_config(config)
     mesh = parallel.make_mesh(dict(config.mesh))
     logging.info("mesh %s on %d devices, %d process(es)", dict(mesh.shape), jax.device_count(), jax.process_count())
     task = tasks.make_task(config, resolve_architecture(config))
@@ -64,38 +110,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_ckpts,
                                    save_interval_steps=config.ckpt_every, async_save=config.async_ckpt)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
-        create = jax.jit(trainer.create_state, out_shardings=trainer.state_shardings)
-        start = checkpoint.restore_or_initialize(
-            ckpt, abstract_state=trainer.abstract_state, init_fn=lambda: create(jax.random.key(config.seed)),
-            data_iterator=train_iter, resume=config.resume, init=config.init,
-            load_init=lambda state, path: load_pretrained(trainer, state, path))
-        logging.info("starting at step %d (%s%s)", start.step, start.source, f": {start.path}" if start.path else "")
-        state = start.state
-        constants = jax.device_put(task.constants, trainer.replicated)
-        step_fn = trainer.jit_train_step()
-        writer = train_log.MetricWriter(workdir)
-        progress = train_log.Progress(start.step, config.total_steps, config.batch_size)
-        evaluator = eval_lib.Evaluator(trainer, data)
-        step = start.step
-        try:
-            while step < config.total_steps:
-                batch = device_batch(next(train_iter), trainer.batch_sharding)
-                state, metrics = step_fn(state, batch, constants)
-                step += 1
-                if step % config.log_every == 0 or step == config.total_steps:
-                    _check_finite(state, config.nonfinite)
-                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    scalars.update(progress.update(step), nonfinite_steps=int(state["nonfinite"]))
-                    writer.write(step, scalars, prefix="train/")
-                if ckpt.should_save(step) or step == config.total_steps:
-                    _check_finite(state, config.nonfinite)
-                    ckpt.save(step, state, data_iterator=train_iter, config=config, force=step == config.total_steps)
-                if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
-                    evaluator.run_and_log(state, step, workdir, writer)
-            result = evaluator.run_and_log(state, step, workdir, writer)
-        finally:
-            ckpt.wait_until_finished()
-            ckpt.close()
-        writer.close()
+    writer = None
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
+            start = start_state(config, trainer, ckpt, train_iter)
+            logging.info("starting at step %d (%s%s)", start.step, start.source,
+                         f": {start.path}" if start.path else "")
+            # After the start state: a run refused by the workdir's checkpoint leaves that run's record alone.
+            train_log.write_run_metadata(workdir, config)
+            writer = train_log.MetricWriter(workdir)
+            evaluator = eval_lib.Evaluator(trainer, data)
+
+            def evaluate(state, step):
+                return evaluator.run_and_log(state, step, workdir, writer)
+
+            if config.eval_at_start and start.step == 0:
+                evaluate(start.state, 0)
+            state = _train(config, trainer, start, train_iter, ckpt, writer, evaluate)
+            result = evaluate(state, max(start.step, config.total_steps))
+    finally:
+        ckpt.wait_until_finished()  # a failing run still completes the saves it started (the last good step)
+        ckpt.close()
+        if writer is not None:
+            writer.close()
     return result
+
+
+def _train(config, trainer, start: checkpoint.StartState, train_iter, ckpt: checkpoint.Checkpointer,
+           writer: train_log.MetricWriter, evaluate) -> dict:
+    """The loop from start.step to config.total_steps: steps, logs, checkpoints (the last one forced so that the
+    final state is always saved) and periodic evaluation. Returns the final state."""
+    state, step = start.state, start.step
+    constants = jax.device_put(trainer.task.constants, trainer.replicated)
+    step_fn = trainer.jit_train_step()
+    progress = train_log.Progress(start.step, config.total_steps, config.batch_size)
+    while step < config.total_steps:
+        batch = device_batch(next(train_iter), trainer.batch_sharding)
+        state, metrics = step_fn(state, batch, constants)
+        step += 1
+        last = step == config.total_steps
+        if step % config.log_every == 0 or last:
+            _check_finite(state, config.nonfinite)
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            scalars.update(progress.update(step), nonfinite_steps=int(state["nonfinite"]))
+            writer.write(step, scalars, prefix="train/")
+        if ckpt.should_save(step) or last:
+            _check_finite(state, config.nonfinite)  # a checkpoint never holds a run that should have stopped
+            ckpt.save(step, state, data_iterator=train_iter, config=config, force=last)
+        if config.eval_every and step % config.eval_every == 0 and not last:
+            evaluate(state, step)
+    return state

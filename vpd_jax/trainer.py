@@ -2,7 +2,8 @@
 train state (created, restored or loaded from pretrained weights directly into its shards) and the jitted step.
 
 The train state is a dict: step, params (trainable), frozen (VAE, CLIP), batch_stats, opt_state, and the
-count / last step of non-finite updates (which are never applied, see config.nonfinite).
+count / first step of non-finite updates (which are never applied, see config.nonfinite). Steps are counted as
+the logs count them: train step s is the s-th update, the one that turns state step s - 1 into s.
 """
 from __future__ import annotations
 
@@ -94,9 +95,18 @@ def device_batch(batch: dict, sharding: NamedSharding) -> dict:
 # ------------------------------------------------------------------------------------------------ the state
 
 
-@dataclasses.dataclass
+def initial_state(tx: optax.GradientTransformation, info: optim.OptimizerInfo, params: dict,
+                  batch_stats: dict) -> dict:
+    """The train state at step 0 for the model variables `params` / `batch_stats`."""
+    trainable, frozen = info.split(params)
+    return dict(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen, batch_stats=batch_stats,
+                opt_state=tx.init(trainable), nonfinite=jnp.zeros((), jnp.int32),
+                first_nonfinite_step=jnp.zeros((), jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
 class Trainer:
-    """Everything the step functions close over."""
+    """Everything the step functions close over (built by `build_trainer`)."""
 
     config: ml_collections.ConfigDict
     task: tasks.Task
@@ -115,10 +125,7 @@ class Trainer:
         return self.state_from_variables(variables["params"], variables.get("batch_stats", {}))
 
     def state_from_variables(self, params: dict, batch_stats: dict) -> dict:
-        trainable, frozen = self.info.split(params)
-        return dict(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen, batch_stats=batch_stats,
-                    opt_state=self.tx.init(trainable), nonfinite=jnp.zeros((), jnp.int32),
-                    last_nonfinite_step=jnp.full((), -1, jnp.int32))
+        return initial_state(self.tx, self.info, params, batch_stats)
 
     def variables(self, state: dict, use_ema: bool = False) -> dict:
         params = state["params"]
@@ -137,13 +144,15 @@ class Trainer:
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        # The updates are checked too: a finite gradient can still give a non-finite update (e.g. lr = nan).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
         params = optax.apply_updates(state["params"], updates)
 
         def keep_if_finite(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
+        first_bad = state["nonfinite"] == 0
         new_state = dict(
             step=step + 1,
             params=keep_if_finite(params, state["params"]),
@@ -152,9 +161,9 @@ class Trainer:
                                        state["batch_stats"]),
             opt_state=keep_if_finite(opt_state, state["opt_state"]),
             nonfinite=state["nonfinite"] + (~finite).astype(jnp.int32),
-            last_nonfinite_step=jnp.where(finite, state["last_nonfinite_step"], step),
+            first_nonfinite_step=jnp.where(~finite & first_bad, step + 1, state["first_nonfinite_step"]),
         )
-        metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+        metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(new_state["params"]),
                        lr=self.info.lr_at_step(step))
         return new_state, metrics
 
@@ -166,6 +175,8 @@ class Trainer:
 
 
 def build_trainer(config, task: tasks.Task, mesh, data, dataset) -> Trainer:
+    """The Trainer of `config` on `mesh`; `dataset` (anything with the pipeline's `element_spec`) gives the
+    model's example inputs."""
     rules = sharding_rules(config)
     example = example_batch(dataset, data)
     total_updates = config.total_steps // config.optim.grad_accum_steps
@@ -173,14 +184,15 @@ def build_trainer(config, task: tasks.Task, mesh, data, dataset) -> Trainer:
         boxed = jax.eval_shape(lambda rng: task.init_variables(rng, example, task.constants), jax.random.key(0))
     tx, info = optim.make_optimizer(config.optim, boxed["params"], total_updates,
                                     steps_per_epoch=config.steps_per_epoch or None)
-    trainer = Trainer(config, task, mesh, rules, tx, info, example, None, None,
-                      NamedSharding(mesh, P(("data", "fsdp"))), NamedSharding(mesh, P()))
-    boxed_state = jax.eval_shape(lambda: trainer.state_from_variables(boxed["params"], boxed.get("batch_stats", {})))
-    trainer.state_shardings = parallel.logical_to_shardings(boxed_state, mesh, rules)
-    trainer.abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                          nn.meta.unbox(boxed_state), trainer.state_shardings)
+    # The variables are arguments, not closed over: an optimizer init that copies arrays (the EMA) needs tracers.
+    boxed_state = jax.eval_shape(lambda params, stats: initial_state(tx, info, params, stats), boxed["params"],
+                                 boxed.get("batch_stats", {}))
+    state_shardings = parallel.logical_to_shardings(boxed_state, mesh, rules)
+    abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  nn.meta.unbox(boxed_state), state_shardings)
     logging.info("parameter groups:\n%s", info.summary(nn.meta.unbox(boxed["params"])))
-    return trainer
+    return Trainer(config, task, mesh, rules, tx, info, example, state_shardings, abstract_state,
+                   batch_sharding=NamedSharding(mesh, P(("data", "fsdp"))), replicated=NamedSharding(mesh, P()))
 
 
 def _place(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -190,11 +202,14 @@ def _place(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def _pretrained_subtrees(config, task: tasks.Task) -> dict[str, dict]:
     """The model's parameter subtrees that config.init (and model.text_encoder) provide, as host arrays."""
-    _, unet = load_unet(config.init, on_host=True)
-    _, vae = load_vae(config.init, on_host=True)
-    loaded = {"unet": {k: v for k, v in unet.items() if k not in UNUSED_PRETRAINED_UNET}, "vae": vae}
-    if "text_encoder" in task.frozen_subtrees:
-        _, loaded["text_encoder"] = load_text_encoder(_text_encoder_path(config), on_host=True)
+    # The loaders unbox logically partitioned shapes outside jit, which under the run's mesh and axis rules would
+    # apply sharding constraints to ShapeDtypeStructs (an error); host arrays need no rules.
+    with nn.logical_axis_rules(()):
+        _, unet = load_unet(config.init, on_host=True)
+        _, vae = load_vae(config.init, on_host=True)
+        loaded = {"unet": {k: v for k, v in unet.items() if k not in UNUSED_PRETRAINED_UNET}, "vae": vae}
+        if "text_encoder" in task.frozen_subtrees:
+            _, loaded["text_encoder"] = load_text_encoder(_text_encoder_path(config), on_host=True)
     return loaded
 
 
