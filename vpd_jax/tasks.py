@@ -217,3 +217,6 @@ class _Accumulator:
 def _scalars(result: dict) -> dict:
     """Scalar metrics, plus per-class arrays as lists (for the JSON report)."""
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}
+
+
+from vpd_jax import ldznet_task  # noqa: E402,F401  (registers 'ldznet'; imported last: it subclasses Task)
