@@ -165,6 +165,11 @@ def gelu_exact(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
+# Logical axes of the main activations: feature maps and token streams, sharded over the batch only.
+ACT_NHWC = ("act_batch", "act_h", "act_w", "act_ch")
+ACT_TOKENS = ("act_batch", "act_len", "act_embed")
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Logical sharding constraint on an activation; a no-op outside a mesh with rules (see vpd_jax.parallel)."""
     return nn.with_logical_constraint(x, axes)

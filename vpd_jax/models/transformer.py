@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from vpd_jax.models.attention import Attention, AttentionPool2d
-from vpd_jax.models.layers import Conv, Dense, GroupNorm, LayerNorm, gelu_exact
+from vpd_jax.models.layers import ACT_TOKENS, Conv, Dense, GroupNorm, LayerNorm, constrain, gelu_exact
 
 Dtype = Any
 Records = dict[str, jax.Array]
@@ -84,16 +84,19 @@ class BasicTransformerBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(num_heads=self.num_heads, head_dim=self.head_dim, upcast=self.upcast_attention, **kw)
         probs = {}
+        # The residual stream is constrained to batch sharding (channels whole) after every step: the usual
+        # layout between tensor-parallel layers, and without it jaxlib 0.10.2 miscompiles this block for small
+        # per-device token counts on a (data, fsdp, tensor) mesh (tests/models/test_unet.py).
         h, probs["attn1"] = Attention(name="attn1", **attn)(
             LayerNorm(1e-5, name="norm1", **kw)(x), return_probs="attn1" in self.maps)
-        x = x + h
+        x = constrain(x + h, ACT_TOKENS)
         h, probs["attn2"] = Attention(name="attn2", **attn)(
             LayerNorm(1e-5, name="norm2", **kw)(x), context, return_probs="attn2" in self.maps)
-        x = x + h
+        x = constrain(x + h, ACT_TOKENS)
         if extra_context is not None:
             h, _ = Attention(name="attn3", **attn)(LayerNorm(1e-5, name="norm_sd", **kw)(x), extra_context)
-            x = x + h
-        x = x + FeedForward(name="ff", **kw)(LayerNorm(1e-5, name="norm3", **kw)(x))
+            x = constrain(x + h, ACT_TOKENS)
+        x = constrain(x + FeedForward(name="ff", **kw)(LayerNorm(1e-5, name="norm3", **kw)(x)), ACT_TOKENS)
         return x, {k: v for k, v in probs.items() if v is not None}
 
 
@@ -135,6 +138,7 @@ class Transformer2DModel(nn.Module):
             y = Dense(inner, axes=("embed", "mlp"), name="proj_in", **kw)(y.reshape(batch, height * width, channels))
         else:
             y = Conv(inner, 1, name="proj_in", **kw)(y).reshape(batch, height * width, inner)
+        y = constrain(y, ACT_TOKENS)
 
         records: Records = {}
         for k in range(self.num_layers):

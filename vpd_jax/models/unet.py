@@ -24,13 +24,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from vpd_jax.models.layers import Conv, Dense, GroupNorm, constrain
+from vpd_jax.models.layers import ACT_NHWC, Conv, Dense, GroupNorm, constrain
 from vpd_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from vpd_jax.models.transformer import Records, Transformer2DModel
 from vpd_jax.models.unet_config import UNetConfig
 
 Dtype = Any
-ACT_NHWC = ("act_batch", "act_h", "act_w", "act_ch")
 
 REMAT_POLICIES = {
     "full": None,  # save nothing but the block inputs: recompute everything in the backward pass
