@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from vpd_jax.models.attention import multi_head_attention
-from vpd_jax.models.layers import Dense, LayerNorm, gelu_exact
+from vpd_jax.models.layers import ACT_TOKENS, Dense, LayerNorm, constrain, gelu_exact
 
 Dtype = Any
 
@@ -122,10 +122,11 @@ class CLIPEncoderLayer(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # The residual stream is batch-sharded with whole channels (see BasicTransformerBlock for why).
         h = LayerNorm(cfg.layer_norm_eps, name="layer_norm1", **kw)(x)
-        x = x + CLIPAttention(cfg.num_attention_heads, name="self_attn", **kw)(h)
+        x = constrain(x + CLIPAttention(cfg.num_attention_heads, name="self_attn", **kw)(h), ACT_TOKENS)
         h = LayerNorm(cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
-        return x + CLIPMLP(cfg.intermediate_size, cfg.hidden_act, name="mlp", **kw)(h)
+        return constrain(x + CLIPMLP(cfg.intermediate_size, cfg.hidden_act, name="mlp", **kw)(h), ACT_TOKENS)
 
 
 class CLIPTextEmbeddings(nn.Module):

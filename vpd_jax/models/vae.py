@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vpd_jax.models.attention import Attention
-from vpd_jax.models.layers import Conv, GroupNorm, constrain
+from vpd_jax.models.layers import ACT_NHWC, Conv, GroupNorm, constrain
 from vpd_jax.models.resnet import Downsample2D, ResnetBlock2D
 
 Dtype = Any
@@ -28,7 +28,6 @@ _UNUSED_FIELDS = frozenset({
     "latents_mean", "latents_std", "force_upcast",
 })
 _SUPPORTED_ACTIVATIONS = ("silu", "swish")
-ACT_AXES = ("act_batch", "act_h", "act_w", "act_ch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +127,7 @@ class VAEMidAttention(nn.Module):
         attention = Attention(num_heads=1, head_dim=channels, qkv_bias=True, upcast=True, **kw)
         nn.share_scope(self, attention)
         h, _ = attention(h)
-        out = x.astype(h.dtype) + h.reshape(x.shape)
+        out = constrain(x.astype(h.dtype) + h.reshape(x.shape), ACT_NHWC)  # see BasicTransformerBlock
         return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
 
 
@@ -185,7 +184,7 @@ class Encoder(nn.Module):
         for i, channels in enumerate(cfg.block_out_channels):
             h = DownEncoderBlock2D(channels, cfg.layers_per_block, cfg.norm_num_groups, cfg.norm_eps,
                                    add_downsample=i != last, name=f"down_blocks_{i}", **kw)(h)
-            h = constrain(h, ACT_AXES)
+            h = constrain(h, ACT_NHWC)
         h = VAEMidBlock(cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_add_attention, name="mid_block", **kw)(h)
         h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h))
         return Conv(2 * cfg.latent_channels, 3, padding=1, name="conv_out", **kw)(h)
