@@ -4,6 +4,7 @@ training on vpd_shapes phrases that beats the untrained model."""
 from __future__ import annotations
 
 import importlib.util
+import types
 import os
 
 import flax.linen as nn
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tensorflow as tf
 from flax.traverse_util import flatten_dict
 
 from tests.models.ldznet_reference import TINY_TEXT, TINY_UNET, TINY_VAE, host_init
@@ -230,3 +232,63 @@ def test_short_training_on_shapes_phrases_beats_the_untrained_model():
     assert np.mean(losses[-20:]) < 0.75 * np.mean(losses[:20]), losses[::20]  # BCE starts near ln 2
     assert after["mIoU@0.3"] > before["mIoU@0.3"] + 0.1, (before, after)
     assert after["IoU_FG@0.5"] > before["IoU_FG@0.5"] + 0.1, (before, after)
+
+
+# ------------------------------------------------------------------------------------ config.init -> the state
+
+# diffusers configs with the shapes of TINY (tests/models/ldznet_reference.py).
+TINY_DIFFUSERS_UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
+                           cross_attention_dim=16, norm_num_groups=8,
+                           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_DIFFUSERS_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+TINY_DIFFUSERS_CLIP = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, max_position_embeddings=12, hidden_act="quick_gelu",
+                           bos_token_id=62, eos_token_id=63, pad_token_id=63)
+
+
+def test_config_init_loads_sd_weights_into_the_state(tmp_path):
+    """--config.init=<SD pipeline root> with arch 'init': the trainer's pretrained loading (through the task's
+    hook) fills ZNet with the SD UNet (conv_out sliced to channel 0), the frozen branch with the same UNet, the
+    VAE and CLIP from the files; the head and the injection modules keep their initialisation."""
+    from safetensors.numpy import load_file
+
+    from tests.reference_models import save_pipeline, save_tiny_clip, save_tiny_unet, save_tiny_vae
+    from vpd_jax import parallel
+    from vpd_jax.trainer import build_trainer, host_data_config, load_pretrained, resolve_architecture
+
+    root = str(tmp_path / "sd")
+    save_pipeline(root, unet=save_tiny_unet(f"{root}/unet", TINY_DIFFUSERS_UNET, seed=3),
+                  vae=save_tiny_vae(f"{root}/vae", seed=4, **TINY_DIFFUSERS_VAE),
+                  text_encoder=save_tiny_clip(f"{root}/text_encoder", seed=5, **TINY_DIFFUSERS_CLIP))
+    config = tiny_config()
+    config.init, config.model.arch = root, "init"
+    config.data.text_max_length = TOKENS  # within the tiny CLIP's 12 positions
+    arch = resolve_architecture(config)
+    assert (arch.text, arch.vae) == (TINY.text, TINY.vae)  # CLIP's config too is read from the files
+    assert arch.unet.block_out_channels == TINY.unet.block_out_channels
+    task = tasks.make_task(config, arch)
+    mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+    batch = {"image": tf.TensorSpec((None, SIZE, SIZE, 3), tf.float32), "text": tf.TensorSpec((None,), tf.string)}
+    trainer = build_trainer(config, task, mesh, host_data_config(config, 1), types.SimpleNamespace(element_spec=batch))
+    fresh = jax.tree.map(lambda s: jnp.full(s.shape, 7, s.dtype), trainer.abstract_state)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
+        state = jax.device_get(load_pretrained(trainer, fresh, root))
+    params = flatten_dict(trainer.info.merge(state["params"], state["frozen"]))
+
+    unet = load_file(f"{root}/unet/diffusion_pytorch_model.safetensors")
+    conv_in = unet["conv_in.weight"].transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(params[("znet", "conv_in", "kernel")], conv_in)
+    np.testing.assert_array_equal(params[("sd_unet", "conv_in", "kernel")], conv_in)
+    np.testing.assert_array_equal(params[("znet", "conv_out", "kernel")],
+                                  unet["conv_out.weight"][0:1].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(params[("znet", "conv_out", "bias")], unet["conv_out.bias"][0:1])
+    vae = load_file(f"{root}/vae/diffusion_pytorch_model.safetensors")
+    np.testing.assert_array_equal(params[("vae", "encoder", "conv_in", "bias")], vae["encoder.conv_in.bias"])
+    clip = load_file(f"{root}/text_encoder/model.safetensors")
+    embedding = [k for k in clip if k.endswith("token_embedding.weight")][0]
+    ours = [p for p in params if p[0] == "text_encoder" and p[-2:] == ("token_embedding", "embedding")]
+    assert len(ours) == 1 and np.array_equal(params[ours[0]], clip[embedding])
+    kept = {p for p in params if is_new_parameter(p)}
+    assert kept and all(np.all(params[p] == 7) for p in kept)  # the fresh state's values: not loaded
+    assert not any(np.all(params[p] == 7) for p in params if p not in kept)

@@ -32,6 +32,10 @@ from vpd_jax.models.vpd import VPDDepth, VPDRefer, VPDSeg
 Batch = dict[str, Any]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# UNet parameters of a pretrained SD checkpoint that VPD never uses (it stops before the output head,
+# spec/vpd.md 1.2 item 5); everything else must match the model exactly.
+UNUSED_PRETRAINED_UNET = ("conv_norm_out", "conv_out")
+
 
 def _common_model_kwargs(model: ml_collections.ConfigDict, arch: Architecture) -> dict:
     if model.dtype not in DTYPES:
@@ -86,6 +90,16 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def new_metric(self):
         """A host accumulator with update(statistics) and result() -> dict."""
+
+    def pretrained_params(self, unet: dict, vae: dict, text_encoder: dict | None
+                          ) -> tuple[dict, Callable[[tuple[str, ...]], bool]]:
+        """For trainer.load_pretrained: the model parameter subtrees that the SD UNet / VAE (/ CLIP) trees of
+        config.init give, and a predicate on model parameter paths (in those subtrees) that keep their
+        initialisation. VPD: the UNet without its unused output head, the VAE, CLIP when the task has it."""
+        params = {"unet": {k: v for k, v in unet.items() if k not in UNUSED_PRETRAINED_UNET}, "vae": vae}
+        if text_encoder is not None:
+            params["text_encoder"] = text_encoder
+        return params, lambda path: False
 
     def init_variables(self, rng: jax.Array, batch: Batch, constants: dict) -> dict:
         return self.model.init(rng, *self.model_args(batch, constants), train=False)

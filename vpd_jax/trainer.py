@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -25,11 +25,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from vpd_jax import optim, parallel, tasks
 from vpd_jax.models import presets
 from vpd_jax.weights import load_text_encoder, load_unet, load_vae
-
-# UNet parameters of a pretrained SD checkpoint that VPD never uses (it stops before the output head,
-# spec/vpd.md 1.2 item 5); everything else must match the model exactly.
-UNUSED_PRETRAINED_UNET = ("conv_norm_out", "conv_out")
-
 
 # ------------------------------------------------------------------------------------------- configuration
 
@@ -52,7 +47,7 @@ def resolve_architecture(config) -> presets.Architecture:
     unet, _ = load_unet(config.init, on_host=True)
     vae, _ = load_vae(config.init, on_host=True)
     text = presets.architecture("sd15").text
-    if config.task == "refer":
+    if "text_encoder" in tasks.TASKS[config.task].frozen_subtrees:
         text, _ = load_text_encoder(_text_encoder_path(config), on_host=True)
         text = text.config
     return presets.Architecture(unet.config, vae.config, text)
@@ -200,27 +195,30 @@ def _place(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def _pretrained_subtrees(config, task: tasks.Task) -> dict[str, dict]:
-    """The model's parameter subtrees that config.init (and model.text_encoder) provide, as host arrays."""
+def _pretrained_params(config, task: tasks.Task) -> tuple[dict, Callable[[tuple[str, ...]], bool]]:
+    """The model parameters that config.init (and model.text_encoder) provide, as host arrays, and which model
+    parameters of those subtrees keep their initialisation (Task.pretrained_params)."""
     # The loaders unbox logically partitioned shapes outside jit, which under the run's mesh and axis rules would
     # apply sharding constraints to ShapeDtypeStructs (an error); host arrays need no rules.
     with nn.logical_axis_rules(()):
         _, unet = load_unet(config.init, on_host=True)
         _, vae = load_vae(config.init, on_host=True)
-        loaded = {"unet": {k: v for k, v in unet.items() if k not in UNUSED_PRETRAINED_UNET}, "vae": vae}
+        text_encoder = None
         if "text_encoder" in task.frozen_subtrees:
-            _, loaded["text_encoder"] = load_text_encoder(_text_encoder_path(config), on_host=True)
-    return loaded
+            _, text_encoder = load_text_encoder(_text_encoder_path(config), on_host=True)
+    return task.pretrained_params(unet, vae, text_encoder)
 
 
 def load_pretrained(trainer: Trainer, state: dict, path: str) -> dict:
-    """Replace the UNet / VAE (/ CLIP) parameters of a freshly created state by the pretrained ones, placed
-    directly into their shards, and rebuild the optimizer state (and EMA) from them."""
+    """Replace the parameters the pretrained files provide (UNet, VAE, CLIP; per task) in a freshly created
+    state, placed directly into their shards, and rebuild the optimizer state (and EMA) from them."""
     config = trainer.config
-    loaded = flatten_dict(_pretrained_subtrees(config, trainer.task))
+    loaded, keeps_init = _pretrained_params(config, trainer.task)
+    loaded = flatten_dict(loaded)
     params = flatten_dict(trainer.info.merge(state["params"], state["frozen"]))
     shardings = flatten_dict(trainer.info.merge(trainer.state_shardings["params"], trainer.state_shardings["frozen"]))
-    missing = sorted("/".join(p) for p in params if p[0] in {q[0] for q in loaded} and p not in loaded)
+    missing = sorted("/".join(p) for p in params
+                     if p[0] in {q[0] for q in loaded} and p not in loaded and not keeps_init(p))
     unexpected = sorted("/".join(p) for p in loaded if p not in params)
     mismatched = sorted(f"{'/'.join(p)}: {loaded[p].shape} vs model {params[p].shape}" for p in loaded
                         if p in params and loaded[p].shape != params[p].shape)
