@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast venv clean-venv
+.PHONY: demo test test-fast bench venv clean-venv
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 # Everything but the tests marked slow.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+# Benchmarks of issue 8 (python -m bench.run): rewrites BENCHMARKS.md and bench/results.json.
+bench: $(STAMP)
+	$(PY) -m bench.run
 
 clean-venv:
 	rm -rf $(VENV)

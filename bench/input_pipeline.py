@@ -19,6 +19,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from bench import machine
 from vpd_jax.data import pipelines
 from vpd_jax.data.config import data_config
 
@@ -69,30 +70,35 @@ def measure(data, builder, batches: int, warmup: int = 2) -> dict:
             "img/s": images / wall, "img/s/core": images / cpu}
 
 
+def run(spec: dict) -> dict:
+    """spec: images (synthetic training images per dataset), batches (timed), batch_size. The JSON-able rows."""
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_ade_like(f"{tmp}/ade", spec["images"], rng)
+        write_nyu_like(f"{tmp}/nyu", spec["images"], rng)
+        for name, task, manual in (("ade20k", "seg", "ade"), ("nyu_depth_v2_bts", "depth", "nyu")):
+            data = data_config(task, name, data_dir=f"{tmp}/tfds", manual_dir=f"{tmp}/{manual}",
+                               batch_size_per_host=spec["batch_size"], shuffle_buffer=min(spec["images"], 64))
+            builder = pipelines.prepare(data)
+            rows.append(dict(pipeline=f"{task} train ({name})", **measure(data, builder, spec["batches"])))
+    return dict(cores=len(machine.available_cpus()), batch_size=spec["batch_size"], rows=rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48, help="synthetic training images per dataset")
     parser.add_argument("--batches", type=int, default=12, help="timed batches (after 2 warm-up batches)")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
-    rng = np.random.default_rng(0)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        write_ade_like(f"{tmp}/ade", args.images, rng)
-        write_nyu_like(f"{tmp}/nyu", args.images, rng)
-        for name, task, manual in (("ade20k", "seg", "ade"), ("nyu_depth_v2_bts", "depth", "nyu")):
-            data = data_config(task, name, data_dir=f"{tmp}/tfds", manual_dir=f"{tmp}/{manual}",
-                               batch_size_per_host=args.batch_size, shuffle_buffer=min(args.images, 64))
-            builder = pipelines.prepare(data)
-            rows.append((f"{task} train ({name})", measure(data, builder, args.batches)))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"\ninput pipeline throughput ({cores} CPU cores available, batch {args.batch_size})")
+    result = run(dict(images=args.images, batches=args.batches, batch_size=args.batch_size))
+    print(f"\ninput pipeline throughput ({result['cores']} CPU cores available, batch {args.batch_size})")
     header = f"{'pipeline':<32} {'crop':>8} {'images':>7} {'wall s':>7} {'img/s':>7} {'CPU s':>7} {'img/s/core':>11}"
     print(header)
     print("-" * len(header))
-    for label, r in rows:
-        print(f"{label:<32} {r['shape']:>8} {r['images']:>7} {r['wall']:>7.2f} {r['img/s']:>7.1f} {r['cpu']:>7.2f} "
-              f"{r['img/s/core']:>11.1f}")
+    for r in result["rows"]:
+        print(f"{r['pipeline']:<32} {r['shape']:>8} {r['images']:>7} {r['wall']:>7.2f} {r['img/s']:>7.1f} "
+              f"{r['cpu']:>7.2f} {r['img/s/core']:>11.1f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,259 @@
+"""Compile-only measurements: nothing runs and no parameter is allocated (all inputs are ShapeDtypeStructs).
+
+* cost (issue item 2): FLOPs per image from XLA's cost analysis of the compiled VPD programs (UNet read-outs,
+  VPDSeg forward, the real VPD-seg train step) next to the analytic count of bench/flops.py.
+* memory (item 3): XLA's compiled per-device memory of the SD1.5 VPD-seg train step (`Trainer.train_step`, as
+  train.py jits it: donated state, sharded in and out) for remat x dtype x mesh variants at two per-device
+  batches, and from the straight line through them the largest per-device batch that fits a device.
+
+The worker runs with 8 fake CPU devices and XLA:CPU's fast-compile flags (backend optimisation level 0, no
+fusion emitters): they change code generation, not the HLO passes, fusion decisions or buffer assignment the
+numbers come from. On a TPU or GPU the buffer assignment differs somewhat; these are XLA:CPU's numbers.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import flops
+from bench.backbone_jax import memory_analysis
+from vpd_jax import parallel, tasks
+from vpd_jax.models.unet import UNet2DConditionModel
+from vpd_jax.models.vpd import feature_spec
+from vpd_jax.trainer import build_trainer, host_data_config, resolve_architecture
+from vpd_jax.weights.convert import abstract_params
+
+CONTEXT_TOKENS = 150
+GIB = 2 ** 30
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return dict(flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)))
+
+
+def _compile(fn, *args, label: str = "") -> tuple[object, float]:
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    print(f"[bench.compiled] {label or getattr(fn, '__name__', 'program')}: compiled in {seconds:.1f} s",
+          file=sys.stderr, flush=True)
+    return compiled, seconds
+
+
+def _sds(shape, dtype, sharding=None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+# ------------------------------------------------------------------------------- the VPD-seg train step
+
+
+def seg_config(arch: str, image: int, dtype: str, remat: str | None, mesh: dict):
+    """configs/vpd_seg_ade20k.py (the paper run) on a preset architecture, random class embeddings, no files."""
+    config = importlib.import_module("configs.vpd_seg_ade20k").get_config()
+    config.model.arch = arch
+    config.model.class_embeddings = "random"
+    config.model.dtype = dtype
+    config.model.remat_policy = remat or ""
+    config.data.aug.crop_size = (image, image)
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh.get("data", 1), mesh.get("fsdp", 1), 1
+    return config
+
+
+class SegTrainStep:
+    """The real jitted train step of a seg config on a mesh of the first data x fsdp devices, compiled for a
+    given global batch from abstract state."""
+
+    def __init__(self, config):
+        sizes = (config.mesh.data, config.mesh.fsdp)
+        self.devices = int(np.prod(sizes))
+        self.mesh = parallel.make_mesh({"data": sizes[0], "fsdp": sizes[1], "tensor": 1},
+                                       jax.devices()[: self.devices])
+        self.task = tasks.make_task(config, resolve_architecture(config))
+        crop = tuple(config.data.aug.crop_size)
+        self.element_spec = {"image": _tensor_spec((None, *crop, 3), np.float32),
+                             "label": _tensor_spec((None, *crop), np.int32)}
+        self.trainer = build_trainer(config, self.task, self.mesh, host_data_config(config, 1),
+                                     types.SimpleNamespace(element_spec=self.element_spec))
+
+    def compile(self, global_batch: int) -> tuple[object, float]:
+        t = self.trainer
+        batch = {k: _sds((global_batch, *s.shape[1:]), s.dtype.as_numpy_dtype, t.batch_sharding)
+                 for k, s in self.element_spec.items()}
+        constants = {k: _sds(v.shape, v.dtype, t.replicated) for k, v in self.task.constants.items()}
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(t.rules):
+            return _compile(t.jit_train_step(), t.abstract_state, batch, constants,
+                            label=f"train step, {self.devices} device(s), global batch {global_batch}")
+
+
+def _tensor_spec(shape, dtype):
+    """What build_trainer reads of a tf.TensorSpec (shape, dtype.as_numpy_dtype / name), without TensorFlow."""
+    dt = types.SimpleNamespace(as_numpy_dtype=dtype, name=np.dtype(dtype).name, is_numpy_compatible=True)
+    return types.SimpleNamespace(shape=shape, dtype=dt)
+
+
+# ------------------------------------------------------------------------------------------- item 2: cost
+
+
+def _unet_programs(config, image: int, batch: int):
+    """(key, name, jitted fn, args, analytic ops) of the UNet read-outs compared in the report."""
+    unet = UNet2DConditionModel(config)
+    spec = feature_spec(config, (image, image), True)
+    _, all_maps = config.module_names()
+    latent = (image // 8, image // 8)
+    args = (abstract_params(unet), _sds((batch, *latent, 4), jnp.float32),
+            _sds((batch, CONTEXT_TOKENS, config.cross_attention_dim), jnp.float32))
+
+    def readout(taps, maps, output_sample=False, keep_sample=False):
+        def fn(params, x, context):
+            out = unet.apply({"params": params}, x, jnp.ones((x.shape[0],), jnp.int32), context, taps=taps,
+                             attn_maps=maps, output_sample=output_sample)
+            return out.sample if keep_sample else (out.taps, out.attn)
+        return jax.jit(fn)
+
+    vpd_ops = flops.unet_ops(config, latent, batch, CONTEXT_TOKENS, taps=spec.taps)
+    full_ops = flops.unet_ops(config, latent, batch, CONTEXT_TOKENS)
+    return [
+        ("full", "UNet, full noise prediction (conv_out), no taps", readout((), (), True, True), args, full_ops),
+        ("backbone", f"UNet, VPD taps + {len(spec.attn_layers)} VPD maps (the backbone)",
+         readout(spec.taps, spec.attn_layers), args, vpd_ops),
+        ("no_maps", "UNet, VPD taps, no maps", readout(spec.taps, ()), args, vpd_ops),
+        ("all_maps", f"UNet, VPD taps + all {len(all_maps)} attention maps", readout(spec.taps, tuple(all_maps)),
+         args, vpd_ops),
+        ("unused_tail", "UNet, VPD taps + maps, full output computed but unused",
+         readout(spec.taps, spec.attn_layers, True), args, vpd_ops),
+    ]
+
+
+def _seg_forward_program(step: SegTrainStep, image: int, batch: int):
+    model = step.task.model
+    images = _sds((batch, image, image, 3), jnp.float32)
+    classes = step.task.constants["class_embeddings"]
+    # Shapes enter eval_shape / jit as arguments: a ShapeDtypeStruct closed over is not traced.
+    variables = nn.meta.unbox(jax.eval_shape(lambda x, c: model.init(jax.random.key(0), x, c, train=False),
+                                             images, classes))
+    fn = jax.jit(lambda v, x, c: model.apply(v, x, c, train=False))
+    return fn, (variables, images, _sds(classes.shape, classes.dtype))
+
+
+def run_cost(spec: dict, train_steps: dict | None = None) -> dict:
+    """spec: arch, image, batch, train_remats (remat policies of the train steps compiled, None for none).
+    `train_steps` caches compiled train steps (shared with the memory section)."""
+    arch, image, batch = spec["arch"], spec["image"], spec["batch"]
+    rows = {}
+
+    def add(key, name, compiled, seconds, analytic, note=""):
+        rows[key] = dict(key=key, name=name, compile_s=seconds, analytic_flops=analytic, note=note,
+                         **_cost(compiled), xla_memory=memory_analysis(compiled))
+
+    config = seg_config(arch, image, "float32", None, {})
+    step = SegTrainStep(config)
+    arch_cfg = step.task.arch
+    for key, name, fn, args, ops in _unet_programs(arch_cfg.unet, image, batch):
+        add(key, name, *_compile(fn, *args, label=name), flops.forward_flops(ops))
+    seg_spec = feature_spec(arch_cfg.unet, (image, image), True)
+    seg_ops = flops.vpd_seg_ops(arch_cfg.unet, arch_cfg.vae, (image, image), batch, config.model.num_classes,
+                                seg_spec.taps, fpn_channels=config.model.fpn_channels)
+    name = "VPDSeg forward (VAE encoder, adapter, UNet to the taps, FPN)"
+    fn, args = _seg_forward_program(step, image, batch)
+    add("seg_forward", name, *_compile(fn, *args, label=name), flops.forward_flops(seg_ops))
+    for remat in spec["train_remats"]:
+        compiled, seconds = _train_step(train_steps, arch, image, "float32", remat, {}, batch)
+        prefixes = flops.unet_block_prefixes() if remat else ()
+        add(f"train_{remat or 'none'}", f"VPD-seg train step, remat {remat or 'none'}", compiled, seconds,
+            flops.train_flops(seg_ops, prefixes), note="forward + backward + AdamW")
+    decoder = flops.forward_flops(flops.vae_decoder_ops(arch_cfg.vae, (image, image), batch))
+    return dict(arch=arch, image=image, batch=batch, programs=list(rows.values()), findings=_findings(rows, decoder),
+                not_compiled=[dict(name="VAE decoder + post_quant_conv (deleted by VPD)", analytic_flops=decoder)])
+
+
+def _findings(rows: dict, decoder_flops: float) -> list[dict]:
+    """What the XLA counts show about work that is not compiled, each as (claim, holds, numbers)."""
+    f = {key: row["flops"] for key, row in rows.items()}
+    seg = rows["seg_forward"]
+    excess = seg["flops"] - seg["analytic_flops"]
+    return [
+        dict(claim="the unused output head (conv_norm_out, conv_out) is not compiled: the read-out that also "
+                   "computes the full output but does not return it costs the same as the backbone",
+             holds=f["unused_tail"] <= f["backbone"], detail=f"{f['unused_tail']:.4g} vs {f['backbone']:.4g}"),
+        dict(claim="stopping at the last tap saves work: the full noise prediction costs more than the backbone",
+             holds=f["full"] > f["backbone"], detail=f"{f['full']:.4g} vs {f['backbone']:.4g}"),
+        dict(claim="attention maps cost only where asked for: no maps <= the VPD maps <= all maps",
+             holds=f["no_maps"] <= f["backbone"] <= f["all_maps"],
+             detail=f"{f['no_maps']:.4g} <= {f['backbone']:.4g} <= {f['all_maps']:.4g}"),
+        dict(claim="the VAE decoder is not compiled: the VPDSeg forward exceeds its analytic count (which has no "
+                   "decoder) by less than the decoder's FLOPs",
+             holds=excess < decoder_flops, detail=f"excess {excess:.4g} vs decoder {decoder_flops:.4g}"),
+    ]
+
+
+# ----------------------------------------------------------------------------------------- item 3: memory
+
+
+def _train_step(cache: dict | None, arch, image, dtype, remat, mesh, global_batch):
+    key = (arch, image, dtype, remat, tuple(sorted(mesh.items())), global_batch)
+    if cache is not None and key in cache:
+        return cache[key]
+    result = SegTrainStep(seg_config(arch, image, dtype, remat, mesh)).compile(global_batch)
+    if cache is not None:
+        cache[key] = result
+    return result
+
+
+def per_device_bytes(memory: dict) -> int:
+    """Arguments + temporaries + outputs that do not reuse (alias) a donated argument."""
+    return (memory["argument_size_in_bytes"] + memory["temp_size_in_bytes"] + memory["output_size_in_bytes"]
+            - memory["alias_size_in_bytes"])
+
+
+def fit_batches(points: list[tuple[int, int]], capacities_gib: list[float]) -> dict:
+    """Least-squares line bytes = fixed + per_example * batch through (per-device batch, bytes) points, and the
+    largest integer per-device batch whose predicted bytes fit each capacity (0 if even the state does not)."""
+    b = np.array([p[0] for p in points], float)
+    y = np.array([p[1] for p in points], float)
+    per_example, fixed = np.polyfit(b, y, 1)
+    residual = float(np.max(np.abs(fixed + per_example * b - y))) if len(points) > 2 else 0.0
+    fits = {f"{cap:g}": max(0, int(np.floor((cap * GIB - fixed) / per_example))) if per_example > 0 else None
+            for cap in capacities_gib}
+    return dict(fixed_bytes=float(fixed), per_example_bytes=float(per_example), max_residual_bytes=residual,
+                max_batch=fits)
+
+
+def run_memory(spec: dict, train_steps: dict | None = None) -> dict:
+    """spec: arch, image, variants [{mesh: {data, fsdp}, dtype, remat}], per_device_batches, capacities_gib."""
+    rows = []
+    for variant in spec["variants"]:
+        mesh = variant["mesh"]
+        devices = int(np.prod(list(mesh.values()) or [1]))
+        points = []
+        for per_device in spec["per_device_batches"]:
+            compiled, seconds = _train_step(train_steps, spec["arch"], spec["image"], variant["dtype"],
+                                            variant["remat"], mesh, per_device * devices)
+            memory = memory_analysis(compiled)
+            points.append(dict(per_device_batch=per_device, global_batch=per_device * devices, compile_s=seconds,
+                               per_device_bytes=per_device_bytes(memory), **memory))
+        fit = fit_batches([(p["per_device_batch"], p["per_device_bytes"]) for p in points], spec["capacities_gib"])
+        rows.append(dict(variant, devices=devices, points=points, **fit))
+    return dict(arch=spec["arch"], image=spec["image"], capacities_gib=spec["capacities_gib"], rows=rows)
+
+
+def run(spec: dict) -> dict:
+    """Both sections in one process, sharing the compiled train steps they have in common."""
+    cache: dict = {}
+    out = {}
+    for section, fn in (("cost", run_cost), ("memory", run_memory)):
+        if section in spec:
+            try:
+                out[section] = fn(spec[section], cache)
+            except Exception as err:
+                out[section] = dict(error=f"{type(err).__name__}: {err}")
+    return out
+

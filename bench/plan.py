@@ -1,0 +1,91 @@
+"""What `python -m bench.run` measures in each mode, as the specs its workers get (bench/worker.py).
+
+  default  SD1.5-size: cases.default_cases() for the backbone, the compile-only cost of the 512 px programs and
+           the memory of the VPD-seg train step with one factor changed at a time (remat, bf16, fsdp=8,
+           data=2 x fsdp=4) from 1 device / fp32 / no remat, the input pipelines on 48 full-size images
+  full     the same with cases.full_cases() and every remat x dtype x mesh combination
+  quick    the tiny UNet (cases.tiny_cases(), 64 px), the compiled cost of the forward programs, a few input
+           batches: checks the harness end to end in minutes (tests/test_bench.py). No VPD-seg train step is
+           compiled (no memory section): at tiny size it still takes XLA:CPU 1.5-3 minutes per compile. JAX
+           compiles with the fast-compile flags, so its times, like everything timed in a quick run, mean nothing.
+
+The backbone part is planned per case: one JAX and one PyTorch worker per case, with identical specs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from bench import cases as cases_lib
+from bench.worker import FAST_COMPILE_XLA_FLAGS
+
+CAPACITIES_GIB = (16.0, 80.0)  # TPU v5e, H100
+PER_BLOCK_REMAT = "nothing_saveable"
+ONE_DEVICE, FSDP8, DATA2_FSDP4 = {}, {"fsdp": 8}, {"data": 2, "fsdp": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    mode: str
+    unet: dict  # diffusers UNet config of the backbone comparison
+    cases: list[cases_lib.Case]
+    jax_xla_flags: str  # added to XLA_FLAGS of the timed JAX workers
+    compiled: dict  # spec of bench/compiled.py
+    input: dict  # spec of bench/input_pipeline.py
+
+
+def _variant(mesh: dict, dtype: str = "float32", remat: str | None = None) -> dict:
+    return dict(mesh=mesh, dtype=dtype, remat=remat)
+
+
+def _one_factor_variants() -> list[dict]:
+    return [_variant(ONE_DEVICE), _variant(ONE_DEVICE, remat=PER_BLOCK_REMAT), _variant(ONE_DEVICE, "bfloat16"),
+            _variant(FSDP8), _variant(DATA2_FSDP4)]
+
+
+def _all_variants() -> list[dict]:
+    return [_variant(mesh, dtype, remat) for mesh, dtype, remat in
+            itertools.product((ONE_DEVICE, FSDP8, DATA2_FSDP4), ("float32", "bfloat16"), (None, PER_BLOCK_REMAT))]
+
+
+def _compiled(arch: str, image: int, train_remats: list, variants: list[dict]) -> dict:
+    spec: dict = dict(cost=dict(arch=arch, image=image, batch=1, train_remats=train_remats))
+    if variants:
+        spec["memory"] = dict(arch=arch, image=image, variants=variants, per_device_batches=[1, 2],
+                              capacities_gib=list(CAPACITIES_GIB))
+    return spec
+
+
+def make_plan(mode: str) -> Plan:
+    if mode == "quick":
+        return Plan(mode, cases_lib.TINY_UNET, cases_lib.tiny_cases(), FAST_COMPILE_XLA_FLAGS,
+                    _compiled("tiny", 64, [], []),
+                    dict(images=4, batches=2, batch_size=2))
+    sd15 = dict(unet=cases_lib.SD15_UNET, jax_xla_flags="", input=dict(images=48, batches=12, batch_size=8))
+    if mode == "default":
+        return Plan(mode, cases=cases_lib.default_cases(),
+                    compiled=_compiled("sd15", 512, [None, PER_BLOCK_REMAT], _one_factor_variants()), **sd15)
+    if mode == "full":
+        return Plan(mode, cases=cases_lib.full_cases(),
+                    compiled=_compiled("sd15", 512, [None, PER_BLOCK_REMAT], _all_variants()), **sd15)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def readouts(unet: dict, images: set[int]) -> dict[str, dict]:
+    """VPD's taps and attention layers (vpd_jax.models.vpd.feature_spec) per input size, for both workers.
+    Imports JAX but starts no backend: the orchestrating process holds no device and no framework memory."""
+    from vpd_jax.models.unet_config import UNetConfig
+    from vpd_jax.models.vpd import feature_spec
+
+    config = UNetConfig.from_dict(unet)
+    out = {}
+    for image in sorted(images):
+        spec = feature_spec(config, (image, image), True)
+        out[str(image)] = dict(taps=list(spec.taps), attn_layers=list(spec.attn_layers))
+    return out
+
+
+def backbone_spec(plan: Plan, case: cases_lib.Case, device: str, threads: int) -> dict:
+    """The spec of one case, the same for the JAX and the PyTorch worker (the JAX one also gets its XLA flags)."""
+    return dict(device=device, threads=threads, unet=plan.unet, cases=[dataclasses.asdict(case)],
+                readouts=readouts(plan.unet, {case.image}))
