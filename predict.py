@@ -1,11 +1,14 @@
-"""Predict with a trained run on image files of any size.
+"""Predict with a trained run on image files of any size, or make zero-shot maps with a Stable Diffusion folder.
 
   python predict.py --config=configs/vpd_seg_ade20k.py:smoke --workdir=runs/x --input=photo.jpg --output=out/
   python predict.py --config=configs/vpd_depth_nyu.py --workdir=runs/depth --input=folder/ --scene=kitchen ...
   python predict.py --config=configs/vpd_refer.py --workdir=runs/refer --input=a.jpg --text="the man on the left"
+  python predict.py --config=configs/ldznet_phrasecut.py --workdir=runs/ldznet --input=a.jpg --text="black car"
+  python predict.py --zeroshot --sd=/path/to/stable-diffusion-v1-4 --input=a.jpg --text="black car" --output=out/
 
-The config must be the run's (the same file, argument and overrides as for train.py). Outputs are written to
---output (see vpd_jax/predict_lib.py for the files of each task).
+The config must be the run's (the same file, argument and overrides as for train.py). Zero-shot maps need no run:
+--sd is a diffusers pipeline root (unet/, vae/, text_encoder/, tokenizer/). Outputs are written to --output (see
+vpd_jax/predict_lib.py for the files of each task, vpd_jax/zeroshot.py for the zero-shot defaults).
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -15,21 +18,40 @@ flags.DEFINE_string("workdir", None, "The run directory whose checkpoints/ hold 
 flags.DEFINE_list("input", None, "Image files and/or folders of images.")
 flags.DEFINE_string("output", None, "Folder for the outputs.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_string("text", None, "refer: the referring expression.")
+flags.DEFINE_string("text", None, "refer: the referring expression; ldznet and --zeroshot: the phrase.")
 flags.DEFINE_string("scene", None, "depth: the NYU scene class of the images (e.g. kitchen, bedroom, office).")
 flags.DEFINE_string("classes", None, "seg: a file with one class name per line (for the legend).")
-flags.mark_flags_as_required(["config", "workdir", "input", "output"])
+flags.DEFINE_float("threshold", 0.3, "ldznet: mask = sigmoid(logits) > threshold.")
+flags.DEFINE_bool("zeroshot", False, "Zero-shot text-vs-null noise-difference maps from --sd (no --config).")
+flags.DEFINE_string("sd", None, "--zeroshot: a Stable Diffusion diffusers pipeline root.")
+flags.DEFINE_list("zeroshot_timesteps", None, "--zeroshot: SD timesteps to average (default 300,400,500).")
+flags.DEFINE_integer("zeroshot_draws", None, "--zeroshot: noise draws per timestep (default 4).")
+flags.DEFINE_integer("zeroshot_size", None, "--zeroshot: working resolution, area ~ size^2 (default 512).")
+flags.mark_flags_as_required(["input", "output"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    if f.zeroshot and (f.config is not None or f.workdir):
+        raise app.UsageError("--zeroshot uses --sd, not a trained run's --config / --workdir")
+    if f.zeroshot and not (f.sd and f.text):
+        raise app.UsageError("--zeroshot needs --sd (a Stable Diffusion folder) and --text")
+    if not f.zeroshot and (f.config is None or not f.workdir):
+        raise app.UsageError("--config and --workdir are required (or --zeroshot with --sd)")
     from vpd_jax import predict_lib
 
-    f = flags.FLAGS
     files = predict_lib.list_images(f.input)
-    predictor = predict_lib.Predictor(f.config, f.workdir, f.step)
-    written = predict_lib.predict_files(predictor, files, f.output, text=f.text, scene=f.scene, names_file=f.classes)
+    if f.zeroshot:
+        timesteps = tuple(int(t) for t in f.zeroshot_timesteps) if f.zeroshot_timesteps else None
+        mapper = predict_lib.zeroshot_mapper(f.sd, timesteps=timesteps, num_draws=f.zeroshot_draws,
+                                             image_size=f.zeroshot_size)
+        written = predict_lib.predict_zeroshot_files(mapper, files, f.output, f.text)
+    else:
+        predictor = predict_lib.Predictor(f.config, f.workdir, f.step)
+        written = predict_lib.predict_files(predictor, files, f.output, text=f.text, scene=f.scene,
+                                            names_file=f.classes, threshold=f.threshold)
     print(f"wrote {len(written)} files to {f.output}")
 
 

@@ -8,6 +8,15 @@ image size. Outputs per image `<stem>`:
          <stem>_attention.png (the cross-attention map of each predicted class)
   depth  <stem>_depth.png (16-bit, millimetres), <stem>_depth_color.png (with a colour bar)
   refer  <stem>_mask.png (0 / 255), <stem>_overlay.png
+  ldznet <stem>_mask.png (sigmoid > threshold, 0 / 255; default 0.3, the threshold of the PhraseCut metrics
+         mIoU@0.3 / IoU_FG@0.3, spec/ldznet.md 4.1 and 6.4), <stem>_prob.png (the probability heatmap over the image)
+         The image is squashed to the run's square size (data.aug.size, as the PhraseCut test protocol), the phrase
+         is put in data.aug.fixed_template (else the first training template, "a photo of a {}."; the reference
+         draws one at random, spec 6.3), the VAE sample and SD noise are seeded by eval.seed, and the probabilities
+         are resized back (bilinear, align_corners=True like the squash) before thresholding. EMA weights when the
+         run keeps them (as for every task).
+Zero-shot maps (no trained run, a Stable Diffusion folder; vpd_jax/zeroshot.py):
+  <stem>_zeroshot.png (heatmap over the image), <stem>_zeroshot_raw.png (the [0, 1] map as 16-bit, 0..65535)
 """
 from __future__ import annotations
 
@@ -80,7 +89,7 @@ def _element_spec(task: tasks.Task, config) -> types.SimpleNamespace:
     specs = {"image": tf.TensorSpec((None, size, size, 3), tf.float32)}
     if task.name == "depth":
         specs["scene_class"] = tf.TensorSpec((None,), tf.int32)
-    if task.name == "refer":
+    if task.name in ("refer", "ldznet"):
         specs["text"] = tf.TensorSpec((None,), tf.string)
     return types.SimpleNamespace(element_spec=specs)
 
@@ -111,6 +120,8 @@ class Predictor:
         self.constants = jax.tree.map(jnp.asarray, self.task.constants)
         self.aug = transform_config(config.data)
         self._apply = jax.jit(lambda v, *args: self.task.model.apply(v, *args, train=False))
+        # LD-ZNet draws its VAE sample and SD timestep / noise from per-example keys (eval.seed): the task's apply.
+        self._task_apply = jax.jit(lambda v, batch: self.task.apply(v, batch, {}, train=False)[0])
         self._features = jax.jit(lambda v, *args: self.task.model.apply(
             v, *args, train=False, mutable=["intermediates"])[1]["intermediates"]["features"][0])
 
@@ -151,6 +162,15 @@ class Predictor:
         mask = jnp.argmax(logits, -1)[..., None].astype(jnp.int32)
         return np.asarray(resize.nearest(mask, image.shape[:2])[0, ..., 0])
 
+    def ldznet(self, image: np.ndarray, phrase: str) -> np.ndarray:
+        """Foreground probabilities (H, W) at the original size (module docstring: size, template, seeds)."""
+        sample = transforms.phrasecut_eval(tf.constant(image), tf.zeros(image.shape[:2], tf.uint8), self.aug)
+        template = self.aug.fixed_template or self.aug.templates[0]
+        tokens = self.task.tokenizer([template.replace("{}", phrase)], self.config.data.text_max_length)
+        batch = {"image": jnp.asarray(sample["image"].numpy())[None], "tokens": jnp.asarray(tokens)}
+        probs = jax.nn.sigmoid(self._task_apply(self.variables, batch))
+        return np.asarray(resize.bilinear(probs, image.shape[:2], align_corners=True)[0, ..., 0])
+
 
 def _pad_to_multiple(images: jax.Array, multiple: int) -> jax.Array:
     h, w = images.shape[1:3]
@@ -178,12 +198,26 @@ def depth_pictures(depth: np.ndarray, max_depth: float) -> np.ndarray:
                                    visualize.colorbar(depth.shape[0], 0.0, max_depth, "m")])
 
 
+def probability_pictures(image: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """A 0 / 255 mask of probs > threshold, and the probabilities (viridis, 0 to 1) over the image."""
+    return {"mask": np.where(probs > threshold, 255, 0).astype(np.uint8),
+            "prob": visualize.overlay(image, visualize.colormap(probs, 0.0, 1.0), 0.6)}
+
+
+LDZNET_THRESHOLD = 0.3
+
+
 def predict_files(predictor: Predictor, files: Sequence[str], output: str, *, text: str | None = None,
-                  scene: str | None = None, names_file: str | None = None) -> list[str]:
+                  scene: str | None = None, names_file: str | None = None,
+                  threshold: float = LDZNET_THRESHOLD) -> list[str]:
     """Writes the outputs of every file into `output`; returns the paths written."""
     task = predictor.task.name
     if task == "refer" and not text:
         raise ValueError("the referring model needs --text (the expression to segment)")
+    if task == "ldznet" and not text:
+        raise ValueError("the LD-ZNet model needs --text (the phrase to segment)")
+    if task not in ("seg", "depth", "refer", "ldznet"):
+        raise ValueError(f"predict.py has no outputs for task {task!r}")
     scene_class = None
     if task == "depth":
         if scene not in NYU_SCENE_CLASSES:
@@ -209,9 +243,37 @@ def predict_files(predictor: Predictor, files: Sequence[str], output: str, *, te
             written.append(visualize.save_depth_png(f"{stem}_depth.png", depth))
             written.append(visualize.save_png(f"{stem}_depth_color.png",
                                               depth_pictures(depth, predictor.config.model.max_depth)))
+        elif task == "ldznet":
+            pictures = probability_pictures(image, predictor.ldznet(image, text), threshold)
+            written += [visualize.save_png(f"{stem}_{kind}.png", picture) for kind, picture in pictures.items()]
         else:
             mask = predictor.refer(image, text)
             written.append(visualize.save_png(f"{stem}_mask.png", (mask * 255).astype(np.uint8)))
             colours = visualize.colorize(mask, np.array([[0, 0, 0], [255, 40, 40]], np.uint8))
             written.append(visualize.save_png(f"{stem}_overlay.png", visualize.overlay(image, colours, 0.45)))
+    return written
+
+
+def zeroshot_mapper(sd_folder: str, **overrides):
+    """A `ZeroShotMapper` of an SD pipeline root with the defaults of `ZeroShotConfig` except the overrides given
+    (None = default)."""
+    from vpd_jax import zeroshot
+
+    config = dataclasses.replace(zeroshot.ZeroShotConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    return zeroshot.ZeroShotMapper.from_pretrained(sd_folder, config)
+
+
+def predict_zeroshot_files(mapper, files: Sequence[str], output: str, text: str) -> list[str]:
+    """Zero-shot noise-difference maps (`vpd_jax.zeroshot.ZeroShotMapper`) of `text` in every file."""
+    if not text:
+        raise ValueError("zero-shot maps need --text (the phrase to map)")
+    written = []
+    for path in files:
+        image = read_image(path)
+        stem = os.path.join(output, os.path.splitext(os.path.basename(path))[0])
+        heat = mapper(image, text)
+        written.append(visualize.save_png(f"{stem}_zeroshot.png",
+                                          visualize.overlay(image, visualize.colormap(heat, 0.0, 1.0), 0.6)))
+        written.append(visualize.save_png(f"{stem}_zeroshot_raw.png",
+                                          (np.clip(heat, 0, 1) * 65535).round().astype(np.uint16)))
     return written
