@@ -102,6 +102,10 @@ class Conv(nn.Module):
             (k, k, x.shape[-1], self.features),
             self.param_dtype,
         )
+        # Batch-sharded in and out: without these, jaxlib 0.10.2 miscompiles the kernel gradient of a
+        # conv whose kernel is fsdp x tensor-sharded when a device holds a feature map of a few pixels
+        # (tests/test_train.py, the pretrained sharded step; see BasicTransformerBlock for the forward case).
+        x = constrain(x, ACT_NHWC)
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype),
             kernel.astype(self.dtype),
@@ -114,7 +118,7 @@ class Conv(nn.Module):
                 "bias", _boxed(self.bias_init or torch_uniform(fan_in), self.axes[-1:]), (self.features,),
                 self.param_dtype)
             y = y + bias.astype(self.dtype)
-        return y
+        return constrain(y, ACT_NHWC)
 
 
 class GroupNorm(nn.Module):
