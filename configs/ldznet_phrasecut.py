@@ -26,7 +26,8 @@ Model fields (config.model): arch ('init': UNet/VAE from config.init, CLIP-L tex
 text_encoder / tokenizer (default: the `init` pipeline's; tokenizer 'hash' for CLIP-less runs), inject (False:
 ZNet), sites (() = the five SD v1 blocks of spec 2.3), pool_image_size (the pools' learned grid is sized for this
 image side, 384 -> 12x12 / 6x6), latent_scale, sample_latent, sd_timesteps / sd_timestep_mode ('uniform' (low,
-high) per example, or 'mean' over listed t's), remat_policy, dtype.
+high) per example, or 'mean' over listed t's), head_init ('pytorch' as the reference; 'upsample' starts the
+1-channel 8x head as a nearest upsampler, for runs without SD weights), remat_policy, dtype.
 """
 import ml_collections
 
@@ -58,6 +59,7 @@ def ldznet_config(data_name: str, batch_size: int) -> ml_collections.ConfigDict:
         inject=True, sites=(), pool_image_size=384,
         latent_scale=0.18215, sample_latent=True,  # spec 0, 7.12
         sd_timesteps=(300, 500), sd_timestep_mode="uniform",  # spec 2.2, 7.4
+        head_init="pytorch",  # spec 1.2; 'upsample' for runs from scratch (vpd_jax/models/ldznet.py UpsampleHead)
         remat_policy="", dtype="float32",
         class_embeddings="",  # unused by LD-ZNet; train_lib.check_config checks this path for every task
     ))
@@ -75,6 +77,7 @@ def smoke_config():
     c.model.arch = "tiny"
     c.model.tokenizer = "hash"
     c.model.pool_image_size = c.data.aug.size  # 64: the pools' grids match the smoke images
+    c.model.head_init = "upsample"  # no SD conv_out to start from: the 1-channel head starts as an upsampler
     c.optim.lr = 1e-3  # a scratch run of a tiny network, not the pretrained reference's 5e-7 per sample
     c.optim.ema_warmup = True  # decay min(0.9999, (1 + n) / (10 + n)): the EMA follows a run this short
     c.eval_batch_size = 16

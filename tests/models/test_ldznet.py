@@ -358,3 +358,25 @@ def test_invalid_settings_are_rejected(tiny):
         ldz.apply({"params": params}, images, tokens, keys[:1])
     with pytest.raises(ValueError, match="cross_attention_dim"):
         dataclasses.replace(ldz, text=architecture("tiny").text).apply({"params": params}, images, tokens, keys)
+
+
+def test_upsample_head_init_starts_as_nearest_upsampling():
+    """head_init 'upsample' (runs from scratch): the head maps x to nearest-8x-upsampled
+    silu^5(silu(2 x + 4)) - 4, so ZNet's output z reaches the logits upsampled, at about unit gain (the SiLUs work
+    near 4, where they are almost the identity); an unknown init is an error."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5, 1)), jnp.float32)
+    head = UpsampleHead("upsample")
+    variables = head.init(jax.random.key(0), x)
+    expected = nn.silu(2.0 * x + 4.0)
+    for _ in range(5):
+        expected = nn.silu(expected)
+    expected = jnp.repeat(jnp.repeat(expected - 4.0, 8, axis=1), 8, axis=2)
+    np.testing.assert_allclose(np.asarray(head.apply(variables, x)), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    # Through the model's SiLU, small z reach the logits at the same gain at every pixel, between 1 and 1.5.
+    small = 1e-3 * x
+    gain = (head.apply(variables, nn.silu(small)) - head.apply(variables, nn.silu(0 * x))) / np.repeat(
+        np.repeat(np.asarray(small), 8, axis=1), 8, axis=2)
+    np.testing.assert_allclose(np.asarray(gain), np.asarray(gain).mean(), rtol=1e-2)
+    assert 1.0 <= float(gain.mean()) <= 1.5
+    with pytest.raises(ValueError, match="weight_init 'zeros'"):
+        UpsampleHead("zeros").init(jax.random.key(0), x)

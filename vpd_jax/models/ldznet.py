@@ -126,20 +126,66 @@ def frozen_unet_modules(config: UNetConfig, taps: tuple[str, ...]) -> tuple[str,
 # --------------------------------------------------------------------------------------------------- modules
 
 
-class UpsampleHead(nn.Module):
-    """The reference's `final` (spec 1.1): [Conv3x3, SiLU, ConvT k2 s2, SiLU] x 3, Conv3x3; one channel throughout,
-    PyTorch default init (spec 1.2). Parameter names are the Sequential indices: final_0, final_2, ..., final_12."""
+HEAD_INITS = ("pytorch", "upsample")
 
+
+# The 'upsample' head runs its SiLUs at an offset where they are nearly the identity (silu(4) = 3.93, slope
+# 1.05), so that neither small signals shrink (slope 1/2 at 0) nor negative ones die on the way to the logits.
+_SILU_OFFSET = 4.0
+
+
+def _identity_conv_init(gain: float):
+    """A 3x3 kernel that copies its single channel times `gain` (centre tap)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        kernel = jnp.zeros(shape, dtype)
+        return kernel.at[shape[0] // 2, shape[1] // 2].set(gain * jnp.eye(shape[2], shape[3], dtype=dtype))
+
+    return init
+
+
+def _nearest_upsample_init(gain: float):
+    """A k x k stride-k transposed-conv kernel that repeats its single channel times `gain` (nearest upsampling)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.full(shape, gain, dtype)
+
+    return init
+
+
+class UpsampleHead(nn.Module):
+    """The reference's `final` (spec 1.1): [Conv3x3, SiLU, ConvT k2 s2, SiLU] x 3, Conv3x3; one channel throughout.
+    Parameter names are the Sequential indices: final_0, final_2, ..., final_12.
+
+    weight_init 'pytorch' (the reference, spec 1.2): PyTorch's default. 'upsample' (our option for runs from scratch): the
+    convolutions copy and the transposed convolutions repeat their input; the first conv doubles it (undoing the
+    SiLU ahead of the head) and adds 4, the last subtracts 4, so the SiLUs between work where they are nearly the
+    identity and the head starts as a nearest 8x upsampling of ZNet's output (about unit gain). With PyTorch's init and a UNet that is not SD's, thirteen random 1-channel
+    layers leave logits that hardly depend on the image (the reference starts from SD's conv_out, spec 7.3)."""
+
+    weight_init: str = "pytorch"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.weight_init not in HEAD_INITS:
+            raise ValueError(f"UpsampleHead weight_init {self.weight_init!r}; use one of {HEAD_INITS}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        first, conv, up, last = {}, {}, {}, {}
+        if self.weight_init == "upsample":
+            zeros, constant = nn.initializers.zeros, nn.initializers.constant
+            # gain 2 undoes the model's SiLU ahead of the head (slope 1/2 at 0); the last conv removes the offset.
+            first = dict(kernel_init=_identity_conv_init(2.0), bias_init=constant(_SILU_OFFSET))
+            conv = dict(kernel_init=_identity_conv_init(1.0), bias_init=zeros)
+            up = dict(kernel_init=_nearest_upsample_init(1.0), bias_init=zeros)
+            last = dict(kernel_init=_identity_conv_init(1.0), bias_init=constant(-_SILU_OFFSET))
         for i in range(3):
-            x = nn.silu(Conv(1, 3, padding=1, name=f"final_{4 * i}", **kw)(x))
-            x = nn.silu(ConvTranspose(1, 2, 2, name=f"final_{4 * i + 2}", **kw)(x))
-        return Conv(1, 3, padding=1, name="final_12", **kw)(x)
+            x = nn.silu(Conv(1, 3, padding=1, name=f"final_{4 * i}", **(first if i == 0 else conv), **kw)(x))
+            x = nn.silu(ConvTranspose(1, 2, 2, name=f"final_{4 * i + 2}", **up, **kw)(x))
+        return Conv(1, 3, padding=1, name="final_12", **last, **kw)(x)
 
 
 class LDZNet(nn.Module):
@@ -155,6 +201,7 @@ class LDZNet(nn.Module):
     sd_timesteps      'uniform': (low, high), t ~ U{low, ..., high - 1} per example (reference: (300, 500));
     sd_timestep_mode  'mean': the listed t's, SD features averaged over them (one shared noise draw per example);
                       one t is a fixed timestep. (Our option: the reference draws one t, spec 2.2.)
+    head_init         'pytorch' (reference) or 'upsample' (for runs from scratch; UpsampleHead says why)
     """
 
     unet: UNetConfig = UNetConfig()
@@ -168,6 +215,7 @@ class LDZNet(nn.Module):
     sd_timesteps: tuple[int, ...] = (300, 500)
     sd_timestep_mode: str = "uniform"
     schedule: NoiseSchedule = NoiseSchedule()
+    head_init: str = "pytorch"
     remat_policy: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -252,7 +300,7 @@ class LDZNet(nn.Module):
         out = znet(z, jnp.zeros((batch,), jnp.int32), context, pooled_inputs=pooled_inputs).sample
         self.sow("intermediates", "znet_sample", out)  # with apply(..., mutable=["intermediates"]), for tests
         # spec 7.2: an extra SiLU after the 1-channel conv_out, then the learned 8x head, whose last conv gives logits.
-        logits = UpsampleHead(name="head", **self._kw())(nn.silu(out))
+        logits = UpsampleHead(self.head_init, name="head", **self._kw())(nn.silu(out))
         return logits.astype(jnp.float32)
 
 

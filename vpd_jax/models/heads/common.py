@@ -144,6 +144,7 @@ class ConvTranspose(nn.Module):
     output_padding: int = 0
     use_bias: bool = True
     kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -159,7 +160,8 @@ class ConvTranspose(nn.Module):
             padding=((lo, lo + self.output_padding),) * 2, lhs_dilation=(self.strides, self.strides),
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(torch_uniform(fan_in), CONV_AXES[-1:]),
+            bias = self.param("bias", nn.with_logical_partitioning(self.bias_init or torch_uniform(fan_in),
+                                                                   CONV_AXES[-1:]),
                               (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
