@@ -127,26 +127,48 @@ def max_relative_difference(a, b) -> tuple[float, str]:
     return worst, where
 
 
-def max_update_difference(new_a, new_b, old_a, old_b, opt_state, lr: float) -> tuple[float, str]:
-    """max over leaves of |update_a - update_b| / lr, over the elements whose gradient float32 resolves.
+def leaf_differences(a, b) -> dict[str, tuple[float, float]]:
+    """Per leaf: (max|a - b|, max|b|)."""
+    flat_a, flat_b = _flat_any(a), _flat_any(b)
+    assert flat_a.keys() == flat_b.keys()
+    out = {}
+    for key, y in flat_b.items():
+        x, y = np.asarray(flat_a[key], np.float64), np.asarray(y, np.float64)
+        out[key] = (float(np.abs(x - y).max()), float(np.abs(y).max())) if y.size else (0.0, 0.0)
+    return out
+
+
+def update_differences(new_a, new_b, old, opt_state) -> dict[str, float]:
+    """Per leaf: max |update_a - update_b| over the elements whose gradient float32 resolves.
 
     Adam's first steps move a parameter by about lr x sign(gradient) whatever the gradient's size, so an element
     whose gradient is float32 noise (|g| <= 1e-4 x the leaf's largest |g|: it sums terms that cancel) may move
     either way in two equally correct computations. Those elements are compared through the moments, not here.
     The gradient is read from Adam's first moment (after one update: (1 - b1) g)."""
     mu = optax.tree_utils.tree_get(opt_state, "mu")
-    worst, where = 0.0, ""
-    flat = {k: _flat_any(t) for k, t in (("a", new_a), ("b", new_b), ("oa", old_a), ("ob", old_b), ("mu", mu))}
+    flat = {k: _flat_any(t) for k, t in (("a", new_a), ("b", new_b), ("old", old), ("mu", mu))}
+    out = {}
     for key, g in flat["mu"].items():
         g = np.abs(np.asarray(g, np.float64))
         resolved = g > 1e-4 * g.max() if g.size else g.astype(bool)
-        ua = np.asarray(flat["a"][key], np.float64) - np.asarray(flat["oa"][key], np.float64)
-        ub = np.asarray(flat["b"][key], np.float64) - np.asarray(flat["ob"][key], np.float64)
-        if resolved.any():
-            diff = float(np.abs(ua - ub)[resolved].max()) / lr
-            if diff > worst:
-                worst, where = diff, key
-    return worst, where
+        old_leaf = np.asarray(flat["old"][key], np.float64)
+        ua = np.asarray(flat["a"][key], np.float64) - old_leaf
+        ub = np.asarray(flat["b"][key], np.float64) - old_leaf
+        out[key] = float(np.abs(ua - ub)[resolved].max()) if resolved.any() else 0.0
+    return out
+
+
+def assert_as_close_as_a_reordering(what: str, ours: dict[str, tuple[float, float]], reordered: dict[str, float]):
+    """ours: per leaf (distance of the sharded step's value from the unsharded step's, tolerance); reordered: per
+    leaf, the distance of the same unsharded step on the batch in reverse order (the same sums in another order,
+    as a sharded step computes them). Each leaf must be within max(tolerance, 3 x the reordered distance): a few
+    leaves of a real step (gradients that are small sums of large terms, e.g. a bias ahead of a batch norm that
+    removes it) move that much under any reordering; everything else must agree to the tolerance."""
+    ratio = {key: diff / max(tolerance, 3 * reordered[key], 1e-30) for key, (diff, tolerance) in ours.items()}
+    worst = max(ratio, key=ratio.get)
+    print(f"{what}: worst leaf {worst}: {ratio[worst]:.3g} x allowed", file=sys.stderr)
+    assert ratio[worst] <= 1, (f"{what}: sharded vs unsharded differ by {ours[worst][0]:.3e} at {worst} "
+                               f"(tolerance {ours[worst][1]:.3e}, batch in reverse order {reordered[worst]:.3e})")
 
 
 def metrics_lines(workdir: Path) -> list[dict]:
@@ -658,12 +680,14 @@ def sd_root(tmp_path_factory) -> str:
 def test_pretrained_init_sharded_step_equals_unsharded(sd_root, data_dir, tmp_path):
     """A run started with --config.init=<SD root> --config.model.arch=init on a (data 2, fsdp 2, tensor 2) mesh:
     its step-0 state holds exactly the file's UNet (without conv_norm_out / conv_out) and VAE, already in their
-    shards; a train step on that mesh equals the same step on one device within 1e-5 (relative, per leaf), and
-    the frozen VAE stays bit-identical over steps."""
+    shards; a train step on that mesh equals the same step on one device within 2e-5 (relative, per leaf) or, for
+    the few leaves that float32 cannot pin down, as closely as that step on the batch in reverse order; the
+    frozen VAE stays bit-identical over steps."""
     config = smoke_config("seg", data_dir, init=sd_root, **{"model.arch": "init", "mesh.data": 2, "mesh.fsdp": 2,
                                                             "mesh.tensor": 2})
     # A visible update at step 1 (the smoke schedule warms up from 1e-6 x lr).
     config.optim.lr, config.optim.schedule.warmup_steps = 1e-3, 0
+    config.model.dropout_ratio = 0.0  # dropout masks follow the batch position; the reordered reference needs none
     arch = resolve_architecture(config)
     assert arch.unet == presets.architecture("tiny").unet  # read from unet/config.json
     task = tasks.make_task(config, arch)
@@ -711,23 +735,33 @@ def test_pretrained_init_sharded_step_equals_unsharded(sd_root, data_dir, tmp_pa
 
     single = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     reference = build_trainer(config, task, single, data, train_iter.dataset)
-    with jax.set_mesh(single), nn.logical_axis_rules(reference.rules):
-        unsharded, unsharded_metrics = reference.jit_train_step()(
-            jax.device_put(host0, reference.state_shardings), device_batch(batch, reference.batch_sharding),
-            jax.device_put(task.constants, reference.replicated))
-    unsharded = jax.device_get(unsharded)
+    reference_step = reference.jit_train_step()
+
+    def unsharded_step(batch):
+        with jax.set_mesh(single), nn.logical_axis_rules(reference.rules):
+            state, metrics = reference_step(jax.device_put(host0, reference.state_shardings),
+                                            device_batch(batch, reference.batch_sharding),
+                                            jax.device_put(task.constants, reference.replicated))
+        return jax.device_get(state), jax.device_get(metrics)
+
+    unsharded, unsharded_metrics = unsharded_step(batch)
+    reordered, reordered_metrics = unsharded_step({k: v[::-1].copy() for k, v in batch.items()})
 
     # What the step computed: the gradient statistics (Adam moments), the BN statistics, the metrics, and the
-    # parameter updates (in units of lr, where the gradient is resolved; max_update_difference says why).
-    for name, ours, theirs in (
-            ("adam moments", sharded["opt_state"], unsharded["opt_state"]),
-            ("batch_stats", sharded["batch_stats"], unsharded["batch_stats"]),
-            ("metrics", jax.device_get(sharded_metrics), jax.device_get(unsharded_metrics))):
-        worst, where = max_relative_difference(ours, theirs)
-        assert worst <= 1e-5, f"{name}: sharded vs unsharded differ by {worst:.2e} (relative) at {where}"
-    worst, where = max_update_difference(sharded["params"], unsharded["params"], host0["params"], host0["params"],
-                                         unsharded["opt_state"], config.optim.lr)
-    assert worst <= 1e-3, f"updates: sharded vs unsharded differ by {worst:.2e} lr at {where}"
+    # parameter updates (update_differences says why only where the gradient is resolved), each as close to the
+    # unsharded step as the same step on the batch in another order is.
+    for name, ours, theirs, other in (
+            ("adam moments", sharded["opt_state"], unsharded["opt_state"], reordered["opt_state"]),
+            ("batch_stats", sharded["batch_stats"], unsharded["batch_stats"], reordered["batch_stats"]),
+            ("metrics", jax.device_get(sharded_metrics), unsharded_metrics, reordered_metrics)):
+        assert_as_close_as_a_reordering(
+            name, {k: (d, 2e-5 * scale) for k, (d, scale) in leaf_differences(ours, theirs).items()},
+            {k: d for k, (d, _) in leaf_differences(other, theirs).items()})
+    lr = config.optim.lr
+    assert_as_close_as_a_reordering(
+        "updates", {k: (d, 1e-3 * lr) for k, d in update_differences(
+            sharded["params"], unsharded["params"], host0["params"], unsharded["opt_state"]).items()},
+        update_differences(reordered["params"], unsharded["params"], host0["params"], unsharded["opt_state"]))
     assert not np.array_equal(sharded["params"]["unet"]["conv_in"]["kernel"], host0["params"]["unet"]["conv_in"]["kernel"])
 
     # The frozen VAE, after a second step: still the file's, bit for bit.
