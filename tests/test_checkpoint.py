@@ -74,6 +74,19 @@ def test_raw_tf_data_iterator(tmp_path, mesh):
         np.testing.assert_array_equal(next(fresh)["x"].numpy(), expected)
 
 
+def test_relative_directory_is_taken_from_the_working_directory(tmp_path, mesh, monkeypatch):
+    """`--workdir=runs/x` (Orbax itself only writes to absolute paths)."""
+    monkeypatch.chdir(tmp_path)
+    state = make_state(mesh)
+    with Checkpointer("runs/x/checkpoints") as ckpt:
+        assert ckpt.save(1, state)
+        ckpt.wait_until_finished()
+        assert ckpt.directory == tmp_path / "runs" / "x" / "checkpoints"
+        restored = ckpt.restore(1, abstract_like(state))
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.asarray(state["params"]["w"]))
+    assert (tmp_path / "runs" / "x" / "checkpoints" / "1").is_dir()
+
+
 def test_keep_and_interval(tmp_path, mesh):
     state = make_state(mesh)
     with Checkpointer(tmp_path, max_to_keep=2, save_interval_steps=5) as ckpt:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Callable
 
 import jax
@@ -173,7 +174,9 @@ class Checkpointer:
 
     def __init__(self, directory: str | epath.Path, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
                  async_save: bool = True, read_only: bool = False):
-        self.directory = epath.Path(directory)
+        # Orbax (tensorstore) needs an absolute path: a relative workdir (`--workdir=runs/x`) is taken from the
+        # current directory; gs:// and other URLs stay as they are.
+        self.directory = epath.Path(directory if "://" in os.fspath(directory) else os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep,
             save_interval_steps=0 if read_only else save_interval_steps,
