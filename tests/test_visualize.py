@@ -75,6 +75,16 @@ def test_panels_keep_every_part():
     assert visualize.titled(a, "x").shape[0] == 4 + 16
 
 
+def test_grid_aligns_columns():
+    """A wide cell in one row moves that column's cells in every row (the demo's titled cells differ in width)."""
+    wide, narrow = np.zeros((4, 9, 3), np.uint8), np.zeros((4, 5, 3), np.uint8)
+    marker = np.full((4, 3, 3), 7, np.uint8)
+    out = visualize.grid([[wide, marker], [narrow, marker]], gap=1)
+    assert out.shape == (9, 9 + 1 + 3, 3)
+    assert np.all(out[:4, 10:13] == 7) and np.all(out[5:9, 10:13] == 7)  # second column at x = 10 in both rows
+    assert np.all(out[5:9, 5:10] == 255)  # the narrow cell padded with white
+
+
 def test_depth_png_is_16_bit_millimetres(tmp_path):
     depth = np.array([[0.0, 1.2345], [9.999, np.nan]])
     path = visualize.save_depth_png(str(tmp_path / "d.png"), depth)

@@ -14,7 +14,7 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from vpd_jax import launch, visualize
 
@@ -68,8 +68,8 @@ def seg_panel(predictor, scenes) -> np.ndarray:
                  visualize.titled(visualize.overlay(scene.image, visualize.colorize(labels, palette)), "prediction")]
         cells += [visualize.titled(visualize.heatmap(maps[..., c], scene.image), f"attn: {names[c]}")
                   for c in range(len(names))]
-        rows.append(visualize.side_by_side(cells))
-    return visualize.side_by_side([visualize.stack(rows), visualize.legend(names, palette)], gap=12)
+        rows.append(cells)
+    return visualize.side_by_side([visualize.grid(rows), visualize.legend(names, palette)], gap=12)
 
 
 def depth_panel(predictor, scenes) -> np.ndarray:
@@ -81,8 +81,8 @@ def depth_panel(predictor, scenes) -> np.ndarray:
                  visualize.titled(visualize.colormap(scene.depth, 0.0, max_depth), "truth"),
                  visualize.titled(visualize.colormap(pred, 0.0, max_depth), "prediction"),
                  visualize.titled(visualize.colormap(np.abs(pred - scene.depth), 0.0, max_depth), "|error|")]
-        rows.append(visualize.side_by_side(cells))
-    table = visualize.stack(rows)
+        rows.append(cells)
+    table = visualize.grid(rows)
     return visualize.side_by_side([table, visualize.colorbar(table.shape[0], 0.0, max_depth, "metres")], gap=12)
 
 
@@ -128,7 +128,6 @@ def main(argv):
     workdir = flags.FLAGS.workdir
     summary = run(workdir, flags.FLAGS.steps, flags.FLAGS.panel_images)
     text = report(summary, workdir)
-    logging.info("%s", text)
     print(text)
 
 

@@ -81,15 +81,16 @@ def _font(size: int = 11):
 def colorbar(height: int, vmin: float, vmax: float, label: str = "", width: int = 16, ticks: int = 5) -> np.ndarray:
     """A vertical colour bar (vmax at the top) with tick labels, as an RGB array of the given height."""
     bar = colormap(np.linspace(vmax, vmin, height)[:, None].repeat(width, 1), vmin, vmax)
-    canvas = Image.new("RGB", (width + 52, height), "white")
+    ticks_width = 32  # room for labels such as "7.5" or "0.25"
+    canvas = Image.new("RGB", (width + ticks_width + (7 * len(label) + 6 if label else 0), height), "white")
     canvas.paste(Image.fromarray(bar), (0, 0))
     draw = ImageDraw.Draw(canvas)
     for value in np.linspace(vmin, vmax, ticks):
         y = int(round((vmax - value) / (vmax - vmin or 1) * (height - 1)))
         draw.line([(width, y), (width + 3, y)], fill="black")
         draw.text((width + 5, min(max(y - 6, 0), height - 12)), f"{value:.3g}", fill="black", font=_font())
-    if label:
-        draw.text((width + 5, height - 12), label, fill="black", font=_font())
+    if label:  # beside the tick labels, halfway down
+        draw.text((width + ticks_width + 2, max(height // 2 - 6, 0)), label, fill="black", font=_font())
     return np.asarray(canvas)
 
 
@@ -147,6 +148,14 @@ def stack(rows: Sequence[np.ndarray], gap: int = 6) -> np.ndarray:
         canvas[y: y + r.shape[0], : r.shape[1]] = r
         y += r.shape[0] + gap
     return canvas
+
+
+def grid(rows: Sequence[Sequence[np.ndarray]], gap: int = 6) -> np.ndarray:
+    """Rows of cells with aligned columns (each as wide as its widest cell), top-left aligned, white background."""
+    columns = max(len(row) for row in rows)
+    widths = [max(row[c].shape[1] for row in rows if c < len(row)) for c in range(columns)]
+    return stack([side_by_side([np.pad(cell, ((0, 0), (0, widths[c] - cell.shape[1]), (0, 0)), constant_values=255)
+                                for c, cell in enumerate(row)], gap) for row in rows], gap)
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
