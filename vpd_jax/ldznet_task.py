@@ -25,7 +25,6 @@ import optax
 from vpd_jax import metrics, tasks
 from vpd_jax.models.ldznet import LDZNet, is_new_parameter, params_from_sd
 from vpd_jax.models.presets import Architecture
-from vpd_jax.models.tokenizer import WordHashTokenizer, load_tokenizer
 
 Batch = dict[str, Any]
 
@@ -68,13 +67,7 @@ class LDZNetTask(tasks.Task):
         super().__init__(config, arch)
         m = config.model
         self.model = model_from_config(m, arch)
-        if m.tokenizer == "hash":
-            self.tokenizer = WordHashTokenizer(arch.text.vocab_size)
-        elif m.tokenizer or config.init:
-            self.tokenizer = load_tokenizer(m.tokenizer or config.init)
-        else:
-            raise ValueError("config.model.tokenizer and config.init are empty: give a CLIP tokenizer folder (or "
-                             "'hash' for a model trained without CLIP weights)")
+        self.tokenizer = tasks.text_tokenizer(config, arch)
         self.constants = {}
 
     def model_args(self, batch: Batch, constants: dict) -> tuple:

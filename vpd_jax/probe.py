@@ -48,7 +48,6 @@ from vpd_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from vpd_jax.models.layers import Conv, LayerNorm
 from vpd_jax.models.ldznet import LATENT_SCALE, NoiseSchedule, q_sample
 from vpd_jax.models.presets import Architecture
-from vpd_jax.models.tokenizer import WordHashTokenizer, load_tokenizer
 from vpd_jax.models.unet import UNet2DConditionModel
 from vpd_jax.models.unet_config import UNetConfig
 from vpd_jax.models.vae import AutoencoderKLEncoder, VAEConfig
@@ -231,13 +230,7 @@ class ProbeTask(tasks.Task):
         if config.eval.metric not in METRICS:
             raise ValueError(f"config.eval.metric={config.eval.metric!r}; one of {METRICS}")
         self.model = model_from_config(m, arch)
-        if m.tokenizer == "hash":
-            self.tokenizer = WordHashTokenizer(arch.text.vocab_size)
-        elif m.tokenizer or config.init:
-            self.tokenizer = load_tokenizer(m.tokenizer or config.init)
-        else:
-            raise ValueError("config.model.tokenizer and config.init are empty: give a CLIP tokenizer folder (or "
-                             "'hash' for a UNet without CLIP weights)")
+        self.tokenizer = tasks.text_tokenizer(config, arch)
         self.constants = {}
 
     def model_args(self, batch: Batch, constants: dict) -> tuple:

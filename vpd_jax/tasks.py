@@ -47,6 +47,18 @@ def _common_model_kwargs(model: ml_collections.ConfigDict, arch: Architecture) -
         remat_policy=model.remat_policy or None, dtype=DTYPES[model.dtype])
 
 
+def text_tokenizer(config: ml_collections.ConfigDict, arch: Architecture):
+    """config.model.tokenizer: 'hash' (WordHashTokenizer over the text encoder's vocabulary), a CLIP tokenizer
+    folder, or empty for the `init` pipeline's."""
+    m = config.model
+    if m.tokenizer == "hash":
+        return WordHashTokenizer(arch.text.vocab_size)
+    if m.tokenizer or config.init:
+        return load_tokenizer(m.tokenizer or config.init)
+    raise ValueError("config.model.tokenizer and config.init are empty: give a CLIP tokenizer folder (or "
+                     "'hash' for a model trained without CLIP weights)")
+
+
 def _class_embeddings(model: ml_collections.ConfigDict, count: int, dim: int) -> np.ndarray:
     source = model.class_embeddings
     if not source:
@@ -189,13 +201,7 @@ class ReferTask(Task):
         super().__init__(config, arch)
         m = config.model
         self.model = VPDRefer(**_common_model_kwargs(m, arch), text=arch.text)
-        if m.tokenizer == "hash":
-            self.tokenizer = WordHashTokenizer(arch.text.vocab_size)
-        elif m.tokenizer or config.init:
-            self.tokenizer = load_tokenizer(m.tokenizer or config.init)
-        else:
-            raise ValueError("config.model.tokenizer and config.init are empty: give a CLIP tokenizer folder (or "
-                             "'hash' for a model trained without CLIP weights)")
+        self.tokenizer = text_tokenizer(config, arch)
         self.constants = {}
 
     def model_args(self, batch, constants):
