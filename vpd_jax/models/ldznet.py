@@ -145,16 +145,6 @@ def _identity_conv_init(gain: float):
     return init
 
 
-def _nearest_upsample_init(gain: float):
-    """A k x k stride-k transposed-conv kernel that repeats its single channel times `gain` (nearest upsampling)."""
-
-    def init(key, shape, dtype=jnp.float32):
-        del key
-        return jnp.full(shape, gain, dtype)
-
-    return init
-
-
 class UpsampleHead(nn.Module):
     """The reference's `final` (spec 1.1): [Conv3x3, SiLU, ConvT k2 s2, SiLU] x 3, Conv3x3; one channel throughout.
     Parameter names are the Sequential indices: final_0, final_2, ..., final_12.
@@ -180,7 +170,7 @@ class UpsampleHead(nn.Module):
             # gain 2 undoes the model's SiLU ahead of the head (slope 1/2 at 0); the last conv removes the offset.
             first = dict(kernel_init=_identity_conv_init(2.0), bias_init=constant(_SILU_OFFSET))
             conv = dict(kernel_init=_identity_conv_init(1.0), bias_init=zeros)
-            up = dict(kernel_init=_nearest_upsample_init(1.0), bias_init=zeros)
+            up = dict(kernel_init=nn.initializers.ones, bias_init=zeros)  # k x k stride k: nearest
             last = dict(kernel_init=_identity_conv_init(1.0), bias_init=constant(-_SILU_OFFSET))
         for i in range(3):
             x = nn.silu(Conv(1, 3, padding=1, name=f"final_{4 * i}", **(first if i == 0 else conv), **kw)(x))
