@@ -1,10 +1,10 @@
-"""Compile-only measurements: nothing runs and no parameter is allocated (all inputs are ShapeDtypeStructs).
+"""Compile-only jobs (bench/compiled_jobs.py): nothing runs and no parameter is allocated (all inputs are
+ShapeDtypeStructs).
 
-* cost (issue item 2): FLOPs per image from XLA's cost analysis of the compiled VPD programs (UNet read-outs,
-  VPDSeg forward, the real VPD-seg train step) next to the analytic count of bench/flops.py.
-* memory (item 3): XLA's compiled per-device memory of the SD1.5 VPD-seg train step (`Trainer.train_step`, as
-  train.py jits it: donated state, sharded in and out) for remat x dtype x mesh variants at two per-device
-  batches, and from the straight line through them the largest per-device batch that fits a device.
+* `programs` (issue item 2): FLOPs from XLA's cost analysis of the compiled forward programs (UNet read-outs,
+  VPDSeg forward) next to the analytic count of bench/flops.py, and the analytic counts of the train steps.
+* `train_step` (items 2 and 3): the real VPD-seg train step (`Trainer.train_step`, as train.py jits it: donated
+  state, sharded in and out) of one dtype x remat x mesh x global batch: its XLA FLOPs and per-device memory.
 
 The worker runs with 8 fake CPU devices and XLA:CPU's fast-compile flags (backend optimisation level 0, no
 fusion emitters): they change code generation, not the HLO passes, fusion decisions or buffer assignment the
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import flops
+from bench import flops, machine
 from bench.backbone_jax import memory_analysis
 from vpd_jax import parallel, tasks
 from vpd_jax.models.unet import UNet2DConditionModel
@@ -31,7 +31,6 @@ from vpd_jax.trainer import build_trainer, host_data_config, resolve_architectur
 from vpd_jax.weights.convert import abstract_params
 
 CONTEXT_TOKENS = 150
-GIB = 2 ** 30
 
 
 def _cost(compiled) -> dict:
@@ -100,7 +99,7 @@ def _tensor_spec(shape, dtype):
     return types.SimpleNamespace(shape=shape, dtype=dt)
 
 
-# ------------------------------------------------------------------------------------------- item 2: cost
+# --------------------------------------------------------------------------------------- forward programs
 
 
 def _unet_programs(config, image: int, batch: int):
@@ -144,15 +143,15 @@ def _seg_forward_program(step: SegTrainStep, image: int, batch: int):
     return fn, (variables, images, _sds(classes.shape, classes.dtype))
 
 
-def run_cost(spec: dict, train_steps: dict | None = None) -> dict:
-    """spec: arch, image, batch, train_remats (remat policies of the train steps compiled, None for none).
-    `train_steps` caches compiled train steps (shared with the memory section)."""
+def run_programs(spec: dict) -> dict:
+    """spec: arch, image, batch, train_remats. The forward programs' rows, the analytic FLOPs of the train step
+    for each remat policy in train_remats ('none' for None) and of the VAE decoder VPD deletes."""
     arch, image, batch = spec["arch"], spec["image"], spec["batch"]
-    rows = {}
+    rows = []
 
-    def add(key, name, compiled, seconds, analytic, note=""):
-        rows[key] = dict(key=key, name=name, compile_s=seconds, analytic_flops=analytic, note=note,
-                         **_cost(compiled), xla_memory=memory_analysis(compiled))
+    def add(key, name, compiled, seconds, analytic):
+        rows.append(dict(key=key, name=name, compile_s=seconds, analytic_flops=analytic, note="",
+                         **_cost(compiled), xla_memory=memory_analysis(compiled)))
 
     config = seg_config(arch, image, "float32", None, {})
     step = SegTrainStep(config)
@@ -165,95 +164,25 @@ def run_cost(spec: dict, train_steps: dict | None = None) -> dict:
     name = "VPDSeg forward (VAE encoder, adapter, UNet to the taps, FPN)"
     fn, args = _seg_forward_program(step, image, batch)
     add("seg_forward", name, *_compile(fn, *args, label=name), flops.forward_flops(seg_ops))
-    for remat in spec["train_remats"]:
-        compiled, seconds = _train_step(train_steps, arch, image, "float32", remat, {}, batch)
-        prefixes = flops.unet_block_prefixes() if remat else ()
-        add(f"train_{remat or 'none'}", f"VPD-seg train step, remat {remat or 'none'}", compiled, seconds,
-            flops.train_flops(seg_ops, prefixes), note="forward + backward + AdamW")
+    train = {remat or "none": flops.train_flops(seg_ops, flops.unet_block_prefixes() if remat else ())
+             for remat in spec["train_remats"]}
     decoder = flops.forward_flops(flops.vae_decoder_ops(arch_cfg.vae, (image, image), batch))
-    return dict(arch=arch, image=image, batch=batch, programs=list(rows.values()), findings=_findings(rows, decoder),
-                not_compiled=[dict(name="VAE decoder + post_quant_conv (deleted by VPD)", analytic_flops=decoder)])
+    return dict(programs=rows, train_analytic_flops=train, decoder_flops=decoder)
 
 
-def _findings(rows: dict, decoder_flops: float) -> list[dict]:
-    """What the XLA counts show about work that is not compiled, each as (claim, holds, numbers)."""
-    f = {key: row["flops"] for key, row in rows.items()}
-    seg = rows["seg_forward"]
-    excess = seg["flops"] - seg["analytic_flops"]
-    return [
-        dict(claim="the unused output head (conv_norm_out, conv_out) is not compiled: the read-out that also "
-                   "computes the full output but does not return it costs the same as the backbone",
-             holds=f["unused_tail"] <= f["backbone"], detail=f"{f['unused_tail']:.4g} vs {f['backbone']:.4g}"),
-        dict(claim="stopping at the last tap saves work: the full noise prediction costs more than the backbone",
-             holds=f["full"] > f["backbone"], detail=f"{f['full']:.4g} vs {f['backbone']:.4g}"),
-        dict(claim="attention maps cost only where asked for: no maps <= the VPD maps <= all maps",
-             holds=f["no_maps"] <= f["backbone"] <= f["all_maps"],
-             detail=f"{f['no_maps']:.4g} <= {f['backbone']:.4g} <= {f['all_maps']:.4g}"),
-        dict(claim="the VAE decoder is not compiled: the VPDSeg forward exceeds its analytic count (which has no "
-                   "decoder) by less than the decoder's FLOPs",
-             holds=excess < decoder_flops, detail=f"excess {excess:.4g} vs decoder {decoder_flops:.4g}"),
-    ]
-
-
-# ----------------------------------------------------------------------------------------- item 3: memory
-
-
-def _train_step(cache: dict | None, arch, image, dtype, remat, mesh, global_batch):
-    key = (arch, image, dtype, remat, tuple(sorted(mesh.items())), global_batch)
-    if cache is not None and key in cache:
-        return cache[key]
-    result = SegTrainStep(seg_config(arch, image, dtype, remat, mesh)).compile(global_batch)
-    if cache is not None:
-        cache[key] = result
-    return result
-
-
-def per_device_bytes(memory: dict) -> int:
-    """Arguments + temporaries + outputs that do not reuse (alias) a donated argument."""
-    return (memory["argument_size_in_bytes"] + memory["temp_size_in_bytes"] + memory["output_size_in_bytes"]
-            - memory["alias_size_in_bytes"])
-
-
-def fit_batches(points: list[tuple[int, int]], capacities_gib: list[float]) -> dict:
-    """Least-squares line bytes = fixed + per_example * batch through (per-device batch, bytes) points, and the
-    largest integer per-device batch whose predicted bytes fit each capacity (0 if even the state does not)."""
-    b = np.array([p[0] for p in points], float)
-    y = np.array([p[1] for p in points], float)
-    per_example, fixed = np.polyfit(b, y, 1)
-    residual = float(np.max(np.abs(fixed + per_example * b - y))) if len(points) > 2 else 0.0
-    fits = {f"{cap:g}": max(0, int(np.floor((cap * GIB - fixed) / per_example))) if per_example > 0 else None
-            for cap in capacities_gib}
-    return dict(fixed_bytes=float(fixed), per_example_bytes=float(per_example), max_residual_bytes=residual,
-                max_batch=fits)
-
-
-def run_memory(spec: dict, train_steps: dict | None = None) -> dict:
-    """spec: arch, image, variants [{mesh: {data, fsdp}, dtype, remat}], per_device_batches, capacities_gib."""
-    rows = []
-    for variant in spec["variants"]:
-        mesh = variant["mesh"]
-        devices = int(np.prod(list(mesh.values()) or [1]))
-        points = []
-        for per_device in spec["per_device_batches"]:
-            compiled, seconds = _train_step(train_steps, spec["arch"], spec["image"], variant["dtype"],
-                                            variant["remat"], mesh, per_device * devices)
-            memory = memory_analysis(compiled)
-            points.append(dict(per_device_batch=per_device, global_batch=per_device * devices, compile_s=seconds,
-                               per_device_bytes=per_device_bytes(memory), **memory))
-        fit = fit_batches([(p["per_device_batch"], p["per_device_bytes"]) for p in points], spec["capacities_gib"])
-        rows.append(dict(variant, devices=devices, points=points, **fit))
-    return dict(arch=spec["arch"], image=spec["image"], capacities_gib=spec["capacities_gib"], rows=rows)
+def compile_train_step(key: dict) -> dict:
+    """key: compiled_jobs.step_key. XLA's cost and per-device memory of that train step, and its compile time."""
+    config = seg_config(key["arch"], key["image"], key["dtype"], key["remat"], key["mesh"])
+    compiled, seconds = SegTrainStep(config).compile(key["global_batch"])
+    return dict(compile_s=seconds, **_cost(compiled), xla_memory=memory_analysis(compiled))
 
 
 def run(spec: dict) -> dict:
-    """Both sections in one process, sharing the compiled train steps they have in common."""
-    cache: dict = {}
-    out = {}
-    for section, fn in (("cost", run_cost), ("memory", run_memory)):
-        if section in spec:
-            try:
-                out[section] = fn(spec[section], cache)
-            except Exception as err:
-                out[section] = dict(error=f"{type(err).__name__}: {err}")
-    return out
-
+    """One job of compiled_jobs.jobs(): {'job': 'programs', 'cost': ...} or {'job': 'train_step', 'key': ...}."""
+    if spec["job"] == "programs":
+        result = run_programs(spec["cost"])
+    elif spec["job"] == "train_step":
+        result = compile_train_step(spec["key"])
+    else:
+        raise ValueError(f"unknown compiled job {spec['job']!r}")
+    return dict(result, peak_rss_bytes=machine.peak_rss_bytes())

@@ -2,7 +2,9 @@
 
   default  SD1.5-size: cases.default_cases() for the backbone, the compile-only cost of the 512 px programs and
            the memory of the VPD-seg train step with one factor changed at a time (remat, bf16, fsdp=8,
-           data=2 x fsdp=4) from 1 device / fp32 / no remat, the input pipelines on 48 full-size images
+           data=2 x fsdp=4) from 1 device / fp32 / no remat, the input pipelines on 48 full-size images. About
+           45 minutes on 2 cores, most of it the ten train-step compiles of the memory table (XLA:CPU needs about
+           five minutes, on one thread, for each, mostly code generation for its ~11,000 kernels), two at a time.
   full     the same with cases.full_cases() and every remat x dtype x mesh combination
   quick    the tiny UNet (cases.tiny_cases(), 64 px), the compiled cost of the forward programs, a few input
            batches: checks the harness end to end in minutes (tests/test_bench.py). No VPD-seg train step is
@@ -30,8 +32,9 @@ class Plan:
     unet: dict  # diffusers UNet config of the backbone comparison
     cases: list[cases_lib.Case]
     jax_xla_flags: str  # added to XLA_FLAGS of the timed JAX workers
-    compiled: dict  # spec of bench/compiled.py
+    compiled: dict  # spec of the compile-only jobs (bench/compiled_jobs.py)
     input: dict  # spec of bench/input_pipeline.py
+    compile_parallel: int = 2  # compile-only worker processes at a time (at most one per core; ~6 GiB RSS each)
 
 
 def _variant(mesh: dict, dtype: str = "float32", remat: str | None = None) -> dict:

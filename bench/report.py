@@ -108,6 +108,10 @@ def _compiled(part: dict) -> list[str]:
     out = _part_header("2-3. Compiled cost and memory (compile only)", part)
     if "error" in part:
         return out + [f"Failed: {part['error']}"]
+    if part.get("jobs"):
+        rss = [j["peak_rss_bytes"] for j in part["jobs"] if "peak_rss_bytes" in j]
+        out += [f"compile jobs: {len(part['jobs'])}, each in its own process, {part['parallel_jobs']} at a time"
+                + (f"; peak RSS per job up to {_gib(max(rss))} GiB." if rss else "."), ""]
     cost = part.get("cost", {})
     if "error" in cost:
         out.append(f"Cost failed: {cost['error']}")

@@ -1,13 +1,15 @@
 """`python -m bench.run` (`make bench`): the benchmarks of issue 8, back to back, into results.json and BENCHMARKS.md.
 
 Parts (`--only`): `backbone` (each case in JAX, then in PyTorch: same shapes, dtype, weights and CPUs, one
-process each), `compiled` (compile-only FLOPs and memory), `input` (tf.data throughput). What each mode runs is
+process each), `compiled` (compile-only FLOPs and memory: one process per program group, as many at a time as
+the plan allows, bench/compiled_jobs.py), `input` (tf.data throughput). What each mode runs is
 in bench/plan.py. With `--only`, the other parts of an earlier run of the same mode and device in the output
 files are kept (each part records when it ran). The orchestrating process starts no framework backend.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -16,7 +18,7 @@ import sys
 import time
 
 from bench import cases as cases_lib
-from bench import machine, report
+from bench import compiled_jobs, machine, report
 from bench.plan import Plan, backbone_spec, make_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +60,27 @@ def run_backbone(plan: Plan, device: str, threads: int, torch_skip_reason: str |
         rows.append(dict(name=case.name, case=dataclasses.asdict(case), jax=jax_row, pytorch=torch_row,
                          comparison=cases_lib.compare(case, jax_row, torch_row)))
     return dict(device=device, threads=threads, unet=plan.unet, cases=rows)
+
+
+def run_compiled(plan: Plan, threads: int) -> dict:
+    """The compile-only jobs, `parallel` worker processes at a time (XLA compiles a program on one thread), then
+    joined into the cost and memory sections."""
+    job_list = compiled_jobs.jobs(plan.compiled)
+    parallel = max(1, min(threads, plan.compile_parallel, len(job_list)))
+    log(f"compiled: {len(job_list)} jobs, {parallel} at a time")
+
+    def one(job: dict) -> dict:
+        what = job["job"] if job["job"] == "programs" else f"train step {job['key']}"
+        log(f"compiled: {what}")
+        result = call_worker("compiled", dict(job, threads=threads))
+        log(f"compiled: {what} done in {result.get('worker_s', 0):.0f} s{' (failed)' if 'error' in result else ''}")
+        return result
+
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        results = list(pool.map(one, job_list))
+    return dict(compiled_jobs.assemble(plan.compiled, results), parallel_jobs=parallel,
+                jobs=[dict(job, **{k: r[k] for k in ("worker_s", "peak_rss_bytes", "error") if k in r})
+                      for job, r in zip(job_list, results)])
 
 
 def accelerator_check(threads: int) -> str | None:
@@ -104,7 +127,7 @@ def main(argv=None) -> None:
 
     runners = {
         "backbone": lambda: run_backbone(plan, device, threads, torch_skip_reason),
-        "compiled": lambda: call_worker("compiled", dict(plan.compiled, threads=threads)),
+        "compiled": lambda: run_compiled(plan, threads),
         "input": lambda: call_worker("input", dict(plan.input, threads=threads)),
     }
     description = machine.describe()

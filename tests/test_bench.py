@@ -9,10 +9,11 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from bench import cases, machine, report
-from bench.compiled import GIB, fit_batches
+from bench.compiled_jobs import GIB, assemble, fit_batches, jobs, step_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA's count of the tiny forward programs over the analytic one: XLA adds the elementwise work (norms,
@@ -104,6 +105,67 @@ def test_fit_batches_gives_the_largest_batch_under_each_capacity():
     fit = fit_batches([(1, 5 * GIB), (2, 7 * GIB)], [16, 80])  # 3 GiB fixed + 2 GiB per example
     assert fit["fixed_bytes"] == pytest.approx(3 * GIB) and fit["per_example_bytes"] == pytest.approx(2 * GIB)
     assert fit["max_batch"] == {"16": 6, "80": 38}
+
+
+def _fake_step(key: dict) -> dict:
+    """A train-step job result whose bytes are 3 GiB + 2 GiB per example per device."""
+    per_device = key["global_batch"] // max(1, int(np.prod(list(key["mesh"].values()) or [1])))
+    memory = dict(argument_size_in_bytes=2 * GIB, temp_size_in_bytes=(1 + 2 * per_device) * GIB,
+                  output_size_in_bytes=2 * GIB, alias_size_in_bytes=2 * GIB)
+    return dict(compile_s=1.0, flops=6.0e12 * key["global_batch"], bytes_accessed=1.0, xla_memory=memory)
+
+
+COMPILED_SPEC = dict(cost=dict(arch="sd15", image=512, batch=1, train_remats=[None, "nothing_saveable"]),
+                     memory=dict(arch="sd15", image=512, per_device_batches=[1, 2], capacities_gib=[16, 80],
+                                 variants=[dict(mesh={}, dtype="float32", remat=None),
+                                           dict(mesh={}, dtype="float32", remat="nothing_saveable"),
+                                           dict(mesh={"fsdp": 8}, dtype="float32", remat=None)]))
+
+
+def test_compiled_jobs_compile_each_train_step_once():
+    job_list = jobs(COMPILED_SPEC)
+    assert job_list[0] == dict(job="programs", cost=COMPILED_SPEC["cost"])
+    keys = [j["key"] for j in job_list[1:]]
+    # the cost section's two steps are the memory section's batch-1 points of the first two variants
+    assert keys == [step_key("sd15", 512, "float32", None, {}, 1),
+                    step_key("sd15", 512, "float32", "nothing_saveable", {}, 1),
+                    step_key("sd15", 512, "float32", None, {}, 2),
+                    step_key("sd15", 512, "float32", "nothing_saveable", {}, 2),
+                    step_key("sd15", 512, "float32", None, {"fsdp": 8}, 8),
+                    step_key("sd15", 512, "float32", None, {"fsdp": 8}, 16)]
+
+
+def _fake_programs() -> dict:
+    names = ("full", "backbone", "no_maps", "all_maps", "unused_tail", "seg_forward")
+    flops = dict(full=5.0, backbone=4.0, no_maps=3.9, all_maps=4.2, unused_tail=4.0, seg_forward=4.5)
+    return dict(programs=[dict(key=k, name=k, compile_s=1.0, analytic_flops=4.4 if k == "seg_forward" else 4.0,
+                               note="", flops=flops[k], bytes_accessed=1.0, xla_memory={}) for k in names],
+                train_analytic_flops={"none": 5.9e12, "nothing_saveable": 7.8e12}, decoder_flops=1.0)
+
+
+def test_compiled_sections_are_assembled_from_the_job_results():
+    job_list = jobs(COMPILED_SPEC)
+    results = [_fake_programs()] + [_fake_step(j["key"]) for j in job_list[1:]]
+    out = assemble(COMPILED_SPEC, results)
+    train = {p["key"]: p for p in out["cost"]["programs"]}
+    assert train["train_none"]["flops"] == 6.0e12 and train["train_none"]["analytic_flops"] == 5.9e12
+    assert train["train_nothing_saveable"]["analytic_flops"] == 7.8e12
+    assert all(f["holds"] for f in out["cost"]["findings"])
+    rows = out["memory"]["rows"]
+    assert [r["devices"] for r in rows] == [1, 1, 8]
+    for r in rows:
+        assert [p["per_device_bytes"] for p in r["points"]] == [5 * GIB, 7 * GIB]
+        assert r["fixed_bytes"] == pytest.approx(3 * GIB) and r["max_batch"] == {"16": 6, "80": 38}
+    assert [p["global_batch"] for p in rows[2]["points"]] == [8, 16]
+
+
+def test_a_failed_job_fails_only_the_sections_that_need_it():
+    job_list = jobs(COMPILED_SPEC)
+    results = [_fake_programs()] + [_fake_step(j["key"]) for j in job_list[1:]]
+    results[-1] = dict(error="bench.worker compiled was killed by signal 9")  # fsdp=8 at per-device batch 2
+    out = assemble(COMPILED_SPEC, results)
+    assert out["memory"] == dict(error="bench.worker compiled was killed by signal 9")
+    assert "programs" in out["cost"]
 
 
 def test_report_memory_table():

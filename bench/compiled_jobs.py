@@ -1,0 +1,146 @@
+"""The compile-only part (issue items 2 and 3) as independent jobs, and how their results become its two sections.
+
+A VPD-seg train step of SD1.5 size takes XLA:CPU about five minutes to compile, single-threaded, so bench/run.py
+compiles each one in its own worker process (`train_step` job), as many at a time as the machine has cores,
+beside the one `programs` job that compiles the forward programs of the cost section. `assemble` then joins the
+job results into the `cost` and `memory` sections the report reads. Imports no framework.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+GIB = 2 ** 30
+
+
+def devices_of(mesh: dict) -> int:
+    return int(np.prod(list(mesh.values()) or [1]))
+
+
+def step_key(arch: str, image: int, dtype: str, remat: str | None, mesh: dict, global_batch: int) -> dict:
+    """One compiled train step: what `bench.compiled.compile_train_step` builds and the results are looked up by."""
+    return dict(arch=arch, image=image, dtype=dtype, remat=remat, mesh=dict(sorted(mesh.items())),
+                global_batch=global_batch)
+
+
+def _cost_keys(cost: dict) -> list[dict]:
+    return [step_key(cost["arch"], cost["image"], "float32", remat, {}, cost["batch"]) for remat in cost["train_remats"]]
+
+
+def _memory_keys(memory: dict, variant: dict) -> list[dict]:
+    devices = devices_of(variant["mesh"])
+    return [step_key(memory["arch"], memory["image"], variant["dtype"], variant["remat"], variant["mesh"],
+                     per_device * devices) for per_device in memory["per_device_batches"]]
+
+
+def jobs(spec: dict) -> list[dict]:
+    """The worker specs of a compiled-part spec (plan.Plan.compiled): the forward programs first, then one job per
+    distinct train step, the cost section's and the memory section's shared."""
+    out = [dict(job="programs", cost=spec["cost"])] if "cost" in spec else []
+    keys = _cost_keys(spec["cost"]) if "cost" in spec else []
+    for variant in spec.get("memory", {}).get("variants", []):
+        keys += _memory_keys(spec["memory"], variant)
+    unique = [key for i, key in enumerate(keys) if key not in keys[:i]]
+    return out + [dict(job="train_step", key=key) for key in unique]
+
+
+def _lookup(steps: list[dict], key: dict) -> dict:
+    for step in steps:
+        if step.get("key") == key:
+            return step
+    raise KeyError(f"no train step compiled for {key}")
+
+
+def per_device_bytes(memory: dict) -> int:
+    """Arguments + temporaries + outputs that do not reuse (alias) a donated argument."""
+    return (memory["argument_size_in_bytes"] + memory["temp_size_in_bytes"] + memory["output_size_in_bytes"]
+            - memory["alias_size_in_bytes"])
+
+
+def fit_batches(points: list[tuple[int, int]], capacities_gib: list[float]) -> dict:
+    """Least-squares line bytes = fixed + per_example * batch through (per-device batch, bytes) points, and the
+    largest integer per-device batch whose predicted bytes fit each capacity (0 if even the state does not)."""
+    b = np.array([p[0] for p in points], float)
+    y = np.array([p[1] for p in points], float)
+    per_example, fixed = np.polyfit(b, y, 1)
+    residual = float(np.max(np.abs(fixed + per_example * b - y))) if len(points) > 2 else 0.0
+    fits = {f"{cap:g}": max(0, int(np.floor((cap * GIB - fixed) / per_example))) if per_example > 0 else None
+            for cap in capacities_gib}
+    return dict(fixed_bytes=float(fixed), per_example_bytes=float(per_example), max_residual_bytes=residual,
+                max_batch=fits)
+
+
+def _findings(rows: dict, decoder_flops: float) -> list[dict]:
+    """What the XLA counts show about work that is not compiled, each as (claim, holds, numbers)."""
+    f = {key: row["flops"] for key, row in rows.items()}
+    seg = rows["seg_forward"]
+    excess = seg["flops"] - seg["analytic_flops"]
+    return [
+        dict(claim="the unused output head (conv_norm_out, conv_out) is not compiled: the read-out that also "
+                   "computes the full output but does not return it costs the same as the backbone",
+             holds=f["unused_tail"] <= f["backbone"], detail=f"{f['unused_tail']:.4g} vs {f['backbone']:.4g}"),
+        dict(claim="stopping at the last tap saves work: the full noise prediction costs more than the backbone",
+             holds=f["full"] > f["backbone"], detail=f"{f['full']:.4g} vs {f['backbone']:.4g}"),
+        dict(claim="attention maps cost only where asked for: no maps <= the VPD maps <= all maps",
+             holds=f["no_maps"] <= f["backbone"] <= f["all_maps"],
+             detail=f"{f['no_maps']:.4g} <= {f['backbone']:.4g} <= {f['all_maps']:.4g}"),
+        dict(claim="the VAE decoder is not compiled: the VPDSeg forward exceeds its analytic count (which has no "
+                   "decoder) by less than the decoder's FLOPs",
+             holds=excess < decoder_flops, detail=f"excess {excess:.4g} vs decoder {decoder_flops:.4g}"),
+    ]
+
+
+def _cost(spec: dict, programs: dict, steps: list[dict]) -> dict:
+    rows = {row["key"]: row for row in programs["programs"]}
+    for remat, key in zip(spec["train_remats"], _cost_keys(spec)):
+        step = _lookup(steps, key)
+        name = f"train_{remat or 'none'}"
+        rows[name] = dict(key=name, name=f"VPD-seg train step, remat {remat or 'none'}", compile_s=step["compile_s"],
+                          analytic_flops=programs["train_analytic_flops"][remat or "none"],
+                          note="forward + backward + AdamW", flops=step["flops"],
+                          bytes_accessed=step["bytes_accessed"], xla_memory=step["xla_memory"])
+    return dict(arch=spec["arch"], image=spec["image"], batch=spec["batch"], programs=list(rows.values()),
+                findings=_findings(rows, programs["decoder_flops"]),
+                not_compiled=[dict(name="VAE decoder + post_quant_conv (deleted by VPD)",
+                                   analytic_flops=programs["decoder_flops"])])
+
+
+def _memory(spec: dict, steps: list[dict]) -> dict:
+    rows = []
+    for variant in spec["variants"]:
+        points = []
+        for per_device, key in zip(spec["per_device_batches"], _memory_keys(spec, variant)):
+            step = _lookup(steps, key)
+            memory = step["xla_memory"]
+            points.append(dict(per_device_batch=per_device, global_batch=key["global_batch"],
+                               compile_s=step["compile_s"], per_device_bytes=per_device_bytes(memory), **memory))
+        fit = fit_batches([(p["per_device_batch"], p["per_device_bytes"]) for p in points], spec["capacities_gib"])
+        rows.append(dict(variant, devices=devices_of(variant["mesh"]), points=points, **fit))
+    return dict(arch=spec["arch"], image=spec["image"], capacities_gib=spec["capacities_gib"], rows=rows)
+
+
+def _section_keys(spec: dict, section: str) -> list[dict]:
+    if section == "cost":
+        return _cost_keys(spec["cost"])
+    return [key for variant in spec["memory"]["variants"] for key in _memory_keys(spec["memory"], variant)]
+
+
+def assemble(spec: dict, results: list[dict]) -> dict:
+    """The `cost` and `memory` sections from the results of `jobs(spec)` (in that order); a section any of whose
+    jobs failed carries the first error instead."""
+    job_list = jobs(spec)
+    programs = next((r for j, r in zip(job_list, results) if j["job"] == "programs"), None)
+    steps = [dict(r, key=j["key"]) for j, r in zip(job_list, results) if j["job"] == "train_step"]
+    out = {}
+    for section in ("cost", "memory"):
+        if section not in spec:
+            continue
+        keys = _section_keys(spec, section)
+        needed = ([programs] if section == "cost" else []) + [s for s in steps if s["key"] in keys]
+        failed = next((r for r in needed if "error" in r), None)
+        if failed is not None:
+            out[section] = dict(error=failed["error"])
+        elif section == "cost":
+            out[section] = _cost(spec["cost"], programs, steps)
+        else:
+            out[section] = _memory(spec["memory"], steps)
+    return out
