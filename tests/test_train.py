@@ -558,10 +558,12 @@ class RegressionTask(tasks.Task):
         raise NotImplementedError
 
 
-def regression_trainer(lr: float):
+def regression_trainer(lr: float, nonfinite_check: str = "gradients", eps: float = 1e-8):
     config = base_config("seg", "vpd_shapes/small")
+    config.nonfinite_check = nonfinite_check
     config.optim.param_groups = "all"
     config.optim.lr = lr
+    config.optim.eps = eps
     config.optim.schedule.name = "constant"
     config.total_steps = 10
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
@@ -572,17 +574,21 @@ def regression_trainer(lr: float):
     return trainer, state
 
 
-def regression_batch(trainer, poison: bool = False) -> dict:
+def regression_batch(trainer, poison: bool = False, black: bool = False) -> dict:
+    """poison: one NaN pixel; black: all-zero images, so the kernel's gradient is exactly zero."""
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((8, 4, 4, 3)).astype(np.float32),
              "target": rng.standard_normal((8, 3)).astype(np.float32)}
     if poison:
         batch["image"][3, 1, 2, 0] = np.nan
+    if black:
+        batch["image"][:] = 0.0
     return device_batch(batch, trainer.batch_sharding)
 
 
-def test_nonfinite_loss_gradient_or_update_never_reaches_the_state():
-    trainer, state = regression_trainer(lr=1e-2)
+@pytest.mark.parametrize("nonfinite_check", ["gradients", "updates"])
+def test_nonfinite_loss_gradient_or_update_never_reaches_the_state(nonfinite_check):
+    trainer, state = regression_trainer(lr=1e-2, nonfinite_check=nonfinite_check)
     step = trainer.jit_train_step()
     before = jax.device_get(state)
     state, metrics = step(state, regression_batch(trainer), {})
@@ -605,12 +611,31 @@ def test_nonfinite_loss_gradient_or_update_never_reaches_the_state():
     assert not np.array_equal(jax.device_get(state)["params"]["head"]["kernel"], good["params"]["head"]["kernel"])
 
     # lr = nan: loss and gradient are finite but the update is not.
-    trainer, state = regression_trainer(lr=float("nan"))
+    trainer, state = regression_trainer(lr=float("nan"), nonfinite_check=nonfinite_check)
     before = jax.device_get(state)
     state, metrics = trainer.jit_train_step()(state, regression_batch(trainer), {})
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
     assert (int(state["nonfinite"]), int(state["first_nonfinite_step"])) == (1, 1)
     assert_trees_equal(jax.device_get(state)["params"], before["params"], "params after an lr=nan step")
+
+
+def test_nonfinite_check_updates_catches_what_the_gradients_cannot_show():
+    """eps = 0 and a zero kernel gradient: AdamW's kernel update is 0/0 while loss, gradient and lr are finite.
+    nonfinite_check='updates' skips that step; 'gradients' refuses eps = 0 when the trainer is built."""
+    trainer, state = regression_trainer(lr=1e-2, nonfinite_check="updates", eps=0.0)
+    before = jax.device_get(state)
+    state, metrics = trainer.jit_train_step()(state, regression_batch(trainer, black=True), {})
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert (int(state["nonfinite"]), int(state["first_nonfinite_step"])) == (1, 1)
+    assert_trees_equal(jax.device_get(state)["params"], before["params"], "params after a 0/0 update")
+    state, _ = trainer.jit_train_step()(state, regression_batch(trainer), {})  # images again: a finite update
+    assert int(state["nonfinite"]) == 1
+    assert not np.array_equal(jax.device_get(state)["params"]["head"]["kernel"], before["params"]["head"]["kernel"])
+
+    with pytest.raises(ValueError, match=r"config\.optim\.eps=0\.0 with config\.nonfinite_check='gradients'"):
+        regression_trainer(lr=1e-2, nonfinite_check="gradients", eps=0.0)
+    with pytest.raises(ValueError, match=r"config\.nonfinite_check='loss'"):
+        regression_trainer(lr=1e-2, nonfinite_check="loss")
 
 
 def test_bad_overrides_fail_at_flag_parsing():

@@ -24,6 +24,10 @@ their task and paper need. Field meanings:
   eval_at_start        also evaluate the state a run starts from at step 0 (eval_0.json: the untrained model)
   nonfinite            'stop': a NaN/inf loss or gradient stops the run naming the step; 'skip': the update is
                        skipped and counted. Either way a non-finite update never reaches the parameters.
+  nonfinite_check      what decides that a step is non-finite: 'gradients' (loss, gradient norm and learning rate,
+                       before the update, which then happens in place; needs optim.eps > 0) or 'updates' (also the
+                       update itself, at the cost of about two more copies of the trainable parameters in memory
+                       at the step's peak, BENCHMARKS.md). The references have no guard at all.
   eval.*               evaluation protocol (spec 2.4, 3.6, 4.4)
 """
 from __future__ import annotations
@@ -67,6 +71,7 @@ def base_config(task: str, data_name: str) -> ml_collections.ConfigDict:
     c.eval_at_start = False
     c.eval_max_batches = 0
     c.nonfinite = "stop"
+    c.nonfinite_check = "gradients"
     c.eval = ml_collections.ConfigDict(dict(
         seg_crop=(512, 512), seg_stride=(341, 341), chunk_size=0,
         depth_window=0, depth_shift_size=2, flip=task == "depth", min_depth=1e-3, depth_crop="eigen",
