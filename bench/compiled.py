@@ -8,7 +8,9 @@ ShapeDtypeStructs).
 
 The worker runs with 8 fake CPU devices and XLA:CPU's fast-compile flags (backend optimisation level 0, no
 fusion emitters): they change code generation, not the HLO passes, fusion decisions or buffer assignment the
-numbers come from. On a TPU or GPU the buffer assignment differs somewhat; these are XLA:CPU's numbers.
+numbers come from. Its concurrency-optimised scheduler is off (bench/worker.py: COMPILE_ONLY_XLA_FLAGS), which
+does change the buffer assignment, to a CPU-independent order. On a TPU or GPU the buffer assignment differs
+somewhat; these are XLA:CPU's numbers.
 """
 from __future__ import annotations
 
@@ -55,13 +57,15 @@ def _sds(shape, dtype, sharding=None) -> jax.ShapeDtypeStruct:
 # ------------------------------------------------------------------------------- the VPD-seg train step
 
 
-def seg_config(arch: str, image: int, dtype: str, remat: str | None, mesh: dict):
+def seg_config(arch: str, image: int, dtype: str, remat: str | None, mesh: dict,
+               nonfinite_check: str = "gradients"):
     """configs/vpd_seg_ade20k.py (the paper run) on a preset architecture, random class embeddings, no files."""
     config = importlib.import_module("configs.vpd_seg_ade20k").get_config()
     config.model.arch = arch
     config.model.class_embeddings = "random"
     config.model.dtype = dtype
     config.model.remat_policy = remat or ""
+    config.nonfinite_check = nonfinite_check
     config.data.aug.crop_size = (image, image)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh.get("data", 1), mesh.get("fsdp", 1), 1
     return config
@@ -172,7 +176,7 @@ def run_programs(spec: dict) -> dict:
 
 def compile_train_step(key: dict) -> dict:
     """key: compiled_jobs.step_key. XLA's cost and per-device memory of that train step, and its compile time."""
-    config = seg_config(key["arch"], key["image"], key["dtype"], key["remat"], key["mesh"])
+    config = seg_config(key["arch"], key["image"], key["dtype"], key["remat"], key["mesh"], key["nonfinite_check"])
     compiled, seconds = SegTrainStep(config).compile(key["global_batch"])
     return dict(compile_s=seconds, **_cost(compiled), xla_memory=memory_analysis(compiled))
 

@@ -16,10 +16,11 @@ def devices_of(mesh: dict) -> int:
     return int(np.prod(list(mesh.values()) or [1]))
 
 
-def step_key(arch: str, image: int, dtype: str, remat: str | None, mesh: dict, global_batch: int) -> dict:
+def step_key(arch: str, image: int, dtype: str, remat: str | None, mesh: dict, global_batch: int,
+             nonfinite_check: str = "gradients") -> dict:
     """One compiled train step: what `bench.compiled.compile_train_step` builds and the results are looked up by."""
     return dict(arch=arch, image=image, dtype=dtype, remat=remat, mesh=dict(sorted(mesh.items())),
-                global_batch=global_batch)
+                global_batch=global_batch, nonfinite_check=nonfinite_check)
 
 
 def _cost_keys(cost: dict) -> list[dict]:
@@ -29,7 +30,8 @@ def _cost_keys(cost: dict) -> list[dict]:
 def _memory_keys(memory: dict, variant: dict) -> list[dict]:
     devices = devices_of(variant["mesh"])
     return [step_key(memory["arch"], memory["image"], variant["dtype"], variant["remat"], variant["mesh"],
-                     per_device * devices) for per_device in memory["per_device_batches"]]
+                     per_device * devices, variant["nonfinite_check"])
+            for per_device in memory["per_device_batches"]]
 
 
 def jobs(spec: dict) -> list[dict]:

@@ -108,18 +108,23 @@ def test_fit_batches_gives_the_largest_batch_under_each_capacity():
 
 
 def _fake_step(key: dict) -> dict:
-    """A train-step job result whose bytes are 3 GiB + 2 GiB per example per device."""
+    """A train-step job result whose bytes are 3 GiB + 2 GiB per example per device (+ 4 GiB under the
+    'updates' non-finite check)."""
     per_device = key["global_batch"] // max(1, int(np.prod(list(key["mesh"].values()) or [1])))
-    memory = dict(argument_size_in_bytes=2 * GIB, temp_size_in_bytes=(1 + 2 * per_device) * GIB,
+    extra = 4 if key["nonfinite_check"] == "updates" else 0
+    memory = dict(argument_size_in_bytes=2 * GIB, temp_size_in_bytes=(1 + extra + 2 * per_device) * GIB,
                   output_size_in_bytes=2 * GIB, alias_size_in_bytes=2 * GIB)
     return dict(compile_s=1.0, flops=6.0e12 * key["global_batch"], bytes_accessed=1.0, xla_memory=memory)
 
 
 COMPILED_SPEC = dict(cost=dict(arch="sd15", image=512, batch=1, train_remats=[None, "nothing_saveable"]),
                      memory=dict(arch="sd15", image=512, per_device_batches=[1, 2], capacities_gib=[16, 80],
-                                 variants=[dict(mesh={}, dtype="float32", remat=None),
-                                           dict(mesh={}, dtype="float32", remat="nothing_saveable"),
-                                           dict(mesh={"fsdp": 8}, dtype="float32", remat=None)]))
+                                 variants=[dict(mesh={}, dtype="float32", remat=None, nonfinite_check="gradients"),
+                                           dict(mesh={}, dtype="float32", remat="nothing_saveable",
+                                                nonfinite_check="gradients"),
+                                           dict(mesh={}, dtype="float32", remat=None, nonfinite_check="updates"),
+                                           dict(mesh={"fsdp": 8}, dtype="float32", remat=None,
+                                                nonfinite_check="gradients")]))
 
 
 def test_compiled_jobs_compile_each_train_step_once():
@@ -131,6 +136,8 @@ def test_compiled_jobs_compile_each_train_step_once():
                     step_key("sd15", 512, "float32", "nothing_saveable", {}, 1),
                     step_key("sd15", 512, "float32", None, {}, 2),
                     step_key("sd15", 512, "float32", "nothing_saveable", {}, 2),
+                    step_key("sd15", 512, "float32", None, {}, 1, "updates"),
+                    step_key("sd15", 512, "float32", None, {}, 2, "updates"),
                     step_key("sd15", 512, "float32", None, {"fsdp": 8}, 8),
                     step_key("sd15", 512, "float32", None, {"fsdp": 8}, 16)]
 
@@ -152,11 +159,13 @@ def test_compiled_sections_are_assembled_from_the_job_results():
     assert train["train_nothing_saveable"]["analytic_flops"] == 7.8e12
     assert all(f["holds"] for f in out["cost"]["findings"])
     rows = out["memory"]["rows"]
-    assert [r["devices"] for r in rows] == [1, 1, 8]
-    for r in rows:
+    assert [(r["devices"], r["nonfinite_check"]) for r in rows] == [(1, "gradients"), (1, "gradients"),
+                                                                    (1, "updates"), (8, "gradients")]
+    for r in rows[:2] + rows[3:]:
         assert [p["per_device_bytes"] for p in r["points"]] == [5 * GIB, 7 * GIB]
         assert r["fixed_bytes"] == pytest.approx(3 * GIB) and r["max_batch"] == {"16": 6, "80": 38}
-    assert [p["global_batch"] for p in rows[2]["points"]] == [8, 16]
+    assert [p["per_device_bytes"] for p in rows[2]["points"]] == [9 * GIB, 11 * GIB]
+    assert [p["global_batch"] for p in rows[3]["points"]] == [8, 16]
 
 
 def test_a_failed_job_fails_only_the_sections_that_need_it():
@@ -172,15 +181,16 @@ def test_report_memory_table():
     """The memory section as the default mode writes it (its train steps are too slow to compile in a test)."""
     points = [dict(per_device_batch=b, per_device_bytes=(3 + 2 * b) * GIB, argument_size_in_bytes=2 * GIB)
               for b in (1, 2)]
-    rows = [dict(mesh=mesh, dtype="bfloat16", remat=None, devices=8, points=points,
-                 **fit_batches([(1, 5 * GIB), (2, 7 * GIB)], [16, 80])) for mesh in ({}, {"data": 2, "fsdp": 4})]
+    rows = [dict(mesh=mesh, dtype="bfloat16", remat=None, nonfinite_check=check, devices=8, points=points,
+                 **fit_batches([(1, 5 * GIB), (2, 7 * GIB)], [16, 80]))
+            for mesh, check in (({}, "gradients"), ({"data": 2, "fsdp": 4}, "updates"))]
     results = dict(command="python -m bench.run", mode="default", device="cpu", machine=machine.describe(),
                    parts={"compiled": dict(memory=dict(arch="sd15", image=512, capacities_gib=[16, 80], rows=rows))})
     text = report.render(results)
-    assert "| mesh | compute | remat | batch 1 | batch 2 | of which arguments (b1) | fixed | per example | max batch " \
-           "16 GiB | max batch 80 GiB |" in text
-    assert "| 1 device | bfloat16 | none | 5.00 | 7.00 | 2.00 | 3.00 | 2.00 | 6 | 38 |" in text
-    assert "| data=2 x fsdp=4 | bfloat16 | none |" in text
+    assert "| mesh | compute | remat | non-finite check | batch 1 | batch 2 | of which arguments (b1) | fixed | " \
+           "per example | max batch 16 GiB | max batch 80 GiB |" in text
+    assert "| 1 device | bfloat16 | none | gradients | 5.00 | 7.00 | 2.00 | 3.00 | 2.00 | 6 | 38 |" in text
+    assert "| data=2 x fsdp=4 | bfloat16 | none | updates |" in text
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="an accelerator is present")
