@@ -27,7 +27,7 @@ text_encoder / tokenizer (default: the `init` pipeline's; tokenizer 'hash' for C
 ZNet), sites (() = the five SD v1 blocks of spec 2.3), pool_image_size (the pools' learned grid is sized for this
 image side, 384 -> 12x12 / 6x6), latent_scale, sample_latent, sd_timesteps / sd_timestep_mode ('uniform' (low,
 high) per example, or 'mean' over listed t's), head_init ('pytorch' as the reference; 'upsample' starts the
-1-channel 8x head as a nearest upsampler, for runs without SD weights), remat_policy, dtype.
+1-channel 8x head as a nearest upsampler, for runs without SD weights), remat_policy, attention_query_chunk, dtype.
 """
 import ml_collections
 
@@ -60,7 +60,7 @@ def ldznet_config(data_name: str, batch_size: int) -> ml_collections.ConfigDict:
         latent_scale=0.18215, sample_latent=True,  # spec 0, 7.12
         sd_timesteps=(300, 500), sd_timestep_mode="uniform",  # spec 2.2, 7.4
         head_init="pytorch",  # spec 1.2; 'upsample' for runs from scratch (vpd_jax/models/ldznet.py UpsampleHead)
-        remat_policy="", dtype="float32",
+        remat_policy="", attention_query_chunk=0, dtype="float32",
         class_embeddings="",  # unused by LD-ZNet; train_lib.check_config checks this path for every task
     ))
     c.data = data_config("phrasecut", data_name)

@@ -23,7 +23,7 @@ run without the report is `python train.py --config=configs/probe_sd_features.py
 Model fields (config.model): arch ('init' or a preset), text_encoder / tokenizer (default: the `init` pipeline's;
 tokenizer 'hash' for CLIP-less runs), taps (() = probe.default_taps of the UNet; any name of
 UNetConfig.module_names but the output head), timesteps, decoder_channels, latent_scale, sample_latent (False: the
-posterior mean), remat_policy, dtype. config.eval: seed (per-example noise at evaluation), metric (the table's:
+posterior mean), remat_policy, attention_query_chunk, dtype. config.eval: seed (per-example noise at evaluation), metric (the table's:
 mIoU@0.3, IoU_FG@0.3, IoU_FG@0.5 or AP; the JSON has all four). The optimizer trains only the decoders: Adam lr 1e-3,
 no weight decay, constant lr, no EMA, no gradient clipping (it would couple the probes).
 """
@@ -57,7 +57,7 @@ def probe_config(data_name: str, batch_size: int) -> ml_collections.ConfigDict:
         arch="init", text_encoder="", tokenizer="",
         taps=(), timesteps=tuple(range(0, 1000, 100)), decoder_channels=64,
         latent_scale=0.18215, sample_latent=False,
-        remat_policy="", dtype="float32",
+        remat_policy="", attention_query_chunk=0, dtype="float32",
         class_embeddings="",  # unused; train_lib.check_config checks this path for every task
     ))
     c.data = data_config("phrasecut", data_name)

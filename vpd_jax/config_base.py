@@ -13,6 +13,9 @@ their task and paper need. Field meanings:
   model.timestep, latent_scale, use_attn, attn_max_queries (-1: (H/16)(W/16)), stop_grad_attn, gamma_init
                        spec/vpd.md 1.2-1.5
   model.remat_policy   '' (none) or a name in vpd_jax.models.unet.REMAT_POLICIES
+  model.attention_query_chunk  0 (all queries at once, as the references) or N: the UNet's attention layers that
+                       record no map attend N queries at a time, each chunk's scores recomputed in the backward
+                       pass; same result, far less memory where no fused attention kernel exists (BENCHMARKS.md)
   model.dtype          compute dtype 'float32' | 'bfloat16' (params stay float32; norms, softmax in float32)
   batch_size           global training batch (split evenly over hosts)
   eval_batch_size      global eval batch
@@ -49,7 +52,7 @@ def base_config(task: str, data_name: str) -> ml_collections.ConfigDict:
         arch="init", text_encoder="", tokenizer="", class_embeddings="", class_embeddings_seed=0,
         num_classes={"seg": 150, "depth": 27, "refer": 2}[task],
         timestep=1, latent_scale=1.0, use_attn=task != "depth", attn_max_queries=-1, stop_grad_attn=True,
-        gamma_init=1e-4, remat_policy="", dtype="float32",
+        gamma_init=1e-4, remat_policy="", attention_query_chunk=0, dtype="float32",
         # seg head / loss
         fpn_channels=256, dropout_ratio=0.1, avg_non_ignore=False,
         # depth head

@@ -31,12 +31,10 @@ Batch = dict[str, Any]
 
 def model_from_config(m: ml_collections.ConfigDict, arch: Architecture) -> LDZNet:
     """LDZNet from a `config.model` section (configs/ldznet_phrasecut.py lists the fields)."""
-    if m.dtype not in tasks.DTYPES:
-        raise ValueError(f"config.model.dtype={m.dtype!r}; supported: {sorted(tasks.DTYPES)}")
     return LDZNet(unet=arch.unet, vae=arch.vae, text=arch.text, inject=m.inject, sites=tuple(m.sites),
                   pool_image_size=m.pool_image_size, latent_scale=m.latent_scale, sample_latent=m.sample_latent,
                   sd_timesteps=tuple(m.sd_timesteps), sd_timestep_mode=m.sd_timestep_mode, head_init=m.head_init,
-                  remat_policy=m.remat_policy or None, dtype=tasks.DTYPES[m.dtype])
+                  **tasks.compute_kwargs(m))
 
 
 def example_keys(seed: int, batch: Batch) -> jax.Array:

@@ -110,6 +110,7 @@ class FeatureProbe(nn.Module):
     sample_latent: bool = False
     schedule: NoiseSchedule = NoiseSchedule()
     remat_policy: str | None = None
+    attention_query_chunk: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -150,7 +151,8 @@ class FeatureProbe(nn.Module):
         eps = jax.vmap(lambda k: jax.random.normal(k, z0.shape[1:], jnp.float32))(noise_keys)
         ts = jnp.repeat(jnp.asarray(self.timesteps, jnp.int32), batch)  # (T * B,), timestep-major
         z_t = q_sample(self.schedule, jnp.tile(z0, (count, 1, 1, 1)), ts, jnp.tile(eps, (count, 1, 1, 1)))
-        unet = UNet2DConditionModel(self.unet, remat_policy=self.remat_policy, name="unet", **kw)
+        unet = UNet2DConditionModel(self.unet, remat_policy=self.remat_policy,
+                                    attention_query_chunk=self.attention_query_chunk, name="unet", **kw)
         taps = self.taps
         if self.is_initializing():
             # Create the whole UNet but its output head, so that SD checkpoints load strictly (module docstring).
@@ -179,7 +181,7 @@ def model_from_config(m: ml_collections.ConfigDict, arch: Architecture) -> Featu
     model = FeatureProbe(unet=arch.unet, vae=arch.vae, text=arch.text, taps=taps,
                          timesteps=tuple(int(t) for t in m.timesteps), decoder_channels=m.decoder_channels,
                          latent_scale=m.latent_scale, sample_latent=m.sample_latent,
-                         remat_policy=m.remat_policy or None, dtype=tasks.DTYPES[m.dtype])
+                         **tasks.compute_kwargs(m))
     model.check()
     return model
 

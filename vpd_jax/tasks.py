@@ -37,14 +37,22 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 UNUSED_PRETRAINED_UNET = ("conv_norm_out", "conv_out")
 
 
-def _common_model_kwargs(model: ml_collections.ConfigDict, arch: Architecture) -> dict:
+def compute_kwargs(model: ml_collections.ConfigDict) -> dict:
+    """How every task model computes its UNet (not what it computes): remat, attention query chunks, dtype."""
     if model.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={model.dtype!r}; supported: {sorted(DTYPES)}")
+    if model.attention_query_chunk < 0:
+        raise ValueError(f"config.model.attention_query_chunk={model.attention_query_chunk} must be >= 0 "
+                         "(0: all queries at once)")
+    return dict(remat_policy=model.remat_policy or None, attention_query_chunk=model.attention_query_chunk,
+                dtype=DTYPES[model.dtype])
+
+
+def _common_model_kwargs(model: ml_collections.ConfigDict, arch: Architecture) -> dict:
     return dict(
         unet=arch.unet, vae=arch.vae, timestep=model.timestep, latent_scale=model.latent_scale,
         use_attn=model.use_attn, attn_max_queries=model.attn_max_queries if model.attn_max_queries > 0 else None,
-        stop_grad_attn=model.stop_grad_attn, gamma_init=model.gamma_init,
-        remat_policy=model.remat_policy or None, dtype=DTYPES[model.dtype])
+        stop_grad_attn=model.stop_grad_attn, gamma_init=model.gamma_init, **compute_kwargs(model))
 
 
 def text_tokenizer(config: ml_collections.ConfigDict, arch: Architecture):

@@ -2,7 +2,10 @@
 
 The core either returns the head-averaged softmax probabilities (computed explicitly, softmax in float32) or,
 when nobody asked for them, calls `jax.nn.dot_product_attention`, which may dispatch to a fused kernel
-(cuDNN flash attention on GPU) and never materialises the probabilities in HBM.
+(cuDNN flash attention on GPU) and never materialises the probabilities in HBM. Where no fused kernel exists
+(XLA:CPU, TPU, fp32 on GPU) it does materialise them, (B, heads, Lq, Lk) float32 per layer, kept for the backward
+pass: at SD's 64x64 latent 512 MiB per image and layer. `query_chunk` bounds that: a scan over query chunks
+whose body is rematerialised, so one chunk's scores are all that exists at once, forward and backward.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ def multi_head_attention(
     return_probs: bool = False,
     upcast: bool = True,
     implementation: str | None = None,
+    query_chunk: int = 0,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Scaled dot-product attention over (B, L, heads * head_dim) projections.
 
@@ -39,6 +43,8 @@ def multi_head_attention(
       return_probs: also return the softmax probabilities averaged over heads, (B, Lq, Lk), float32.
       upcast: compute logits and softmax in float32 (diffusers `upcast_attention`/`upcast_softmax`).
       implementation: passed to `jax.nn.dot_product_attention` on the fused path (None lets JAX choose).
+      query_chunk: > 0: on the fused path, attend `query_chunk` queries at a time (module docstring); the
+        result equals full attention up to float rounding. 0: all queries at once.
     Returns:
       (output (B, Lq, H*Dv) in q's dtype, head-averaged probabilities or None).
     """
@@ -50,7 +56,16 @@ def multi_head_attention(
     vh = v.reshape(batch, v.shape[1], num_heads, v.shape[-1] // num_heads)
 
     if not return_probs:
-        out = jax.nn.dot_product_attention(qh, kh, vh, scale=scale, is_causal=causal, implementation=implementation)
+        def attend(queries):
+            return jax.nn.dot_product_attention(queries, kh, vh, scale=scale, is_causal=causal,
+                                                implementation=implementation)
+
+        if query_chunk and q_len > query_chunk:
+            if causal:
+                raise ValueError("query_chunk with causal attention is not supported")
+            out = _by_query_chunks(attend, qh, query_chunk)
+        else:
+            out = attend(qh)
         return out.reshape(batch, q_len, -1), None
 
     logits_dtype = jnp.float32 if upcast else q.dtype
@@ -63,16 +78,29 @@ def multi_head_attention(
     return out.reshape(batch, q_len, -1), probs.mean(axis=1)
 
 
+def _by_query_chunks(attend, qh: jax.Array, chunk: int) -> jax.Array:
+    """attend(queries (B, chunk, H, D)) -> (B, chunk, H, Dv) over the queries of qh, `chunk` at a time; the last
+    chunk is padded with zero queries, whose rows are dropped (softmax rows are independent)."""
+    batch, q_len, heads, dim = qh.shape
+    count = -(-q_len // chunk)
+    qh = jnp.pad(qh, ((0, 0), (0, count * chunk - q_len), (0, 0), (0, 0)))
+    chunks = jnp.moveaxis(qh.reshape(batch, count, chunk, heads, dim), 1, 0)
+    _, out = jax.lax.scan(jax.checkpoint(lambda carry, queries: (carry, attend(queries))), None, chunks)
+    return jnp.moveaxis(out, 0, 1).reshape(batch, count * chunk, heads, -1)[:, :q_len]
+
+
 class Attention(nn.Module):
     """diffusers' `Attention`: to_q / to_k / to_v (bias optional), to_out.0 (with bias).
 
     Self-attention when `context` is None, cross-attention otherwise. Returns (output, head-mean probs or None).
+    `query_chunk`: see `multi_head_attention`.
     """
 
     num_heads: int
     head_dim: int
     qkv_bias: bool = False
     upcast: bool = False
+    query_chunk: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -85,7 +113,8 @@ class Attention(nn.Module):
         k = Dense(inner, use_bias=self.qkv_bias, axes=("embed", "heads"), name="to_k", **dense)(context)
         v = Dense(inner, use_bias=self.qkv_bias, axes=("embed", "heads"), name="to_v", **dense)(context)
         out, probs = multi_head_attention(
-            q, k, v, self.num_heads, return_probs=return_probs, upcast=self.upcast or self.dtype != jnp.float32)
+            q, k, v, self.num_heads, return_probs=return_probs, upcast=self.upcast or self.dtype != jnp.float32,
+            query_chunk=self.query_chunk)
         out = Dense(x.shape[-1], axes=("heads", "embed"), name="to_out_0", **dense)(out)
         return out, probs
 

@@ -207,6 +207,7 @@ class LDZNet(nn.Module):
     schedule: NoiseSchedule = NoiseSchedule()
     head_init: str = "pytorch"
     remat_policy: str | None = None
+    attention_query_chunk: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -259,7 +260,8 @@ class LDZNet(nn.Module):
             ts = jnp.broadcast_to(jnp.asarray(self.sd_timesteps, jnp.int32)[:, None], (len(self.sd_timesteps), batch))
         count = ts.shape[0]
         z_t = q_sample(self.schedule, jnp.tile(z, (count, 1, 1, 1)), ts.reshape(-1), jnp.tile(noise, (count, 1, 1, 1)))
-        sd_unet = UNet2DConditionModel(self.unet, remat_policy=self.remat_policy, name="sd_unet", **self._kw())
+        sd_unet = UNet2DConditionModel(self.unet, remat_policy=self.remat_policy,
+                                       attention_query_chunk=self.attention_query_chunk, name="sd_unet", **self._kw())
         out = sd_unet(z_t, ts.reshape(-1), jnp.tile(context, (count, 1, 1)), taps=self.injection_sites,
                       output_sample=False)
         # spec 2.2: the extractor runs under no_grad; several timesteps ('mean' mode) are averaged per site.
@@ -285,6 +287,7 @@ class LDZNet(nn.Module):
 
         pooled_inputs = self._sd_features(z, context, t_keys, noise_keys) if self.inject else None
         znet = UNet2DConditionModel(dataclasses.replace(self.unet, out_channels=1), remat_policy=self.remat_policy,
+                                    attention_query_chunk=self.attention_query_chunk,
                                     attn_pools=self.attn_pools() if self.inject else (), name="znet", **self._kw())
         # spec 1.1 / 7.4: ZNet sees the clean latent at t = 0.
         out = znet(z, jnp.zeros((batch,), jnp.int32), context, pooled_inputs=pooled_inputs).sample

@@ -72,6 +72,7 @@ class BasicTransformerBlock(nn.Module):
     upcast_attention: bool = False
     maps: frozenset[str] = frozenset()  # subset of {'attn1', 'attn2'}
     extra_cross_attention: bool = False
+    attention_query_chunk: int = 0  # attention.multi_head_attention's query_chunk
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -82,7 +83,8 @@ class BasicTransformerBlock(nn.Module):
             raise ValueError(f"BasicTransformerBlock {self.name}: extra_cross_attention={self.extra_cross_attention} "
                              f"but extra_context is {'missing' if extra_context is None else 'given'}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = dict(num_heads=self.num_heads, head_dim=self.head_dim, upcast=self.upcast_attention, **kw)
+        attn = dict(num_heads=self.num_heads, head_dim=self.head_dim, upcast=self.upcast_attention,
+                    query_chunk=self.attention_query_chunk, **kw)
         probs = {}
         # The residual stream is constrained to batch sharding (channels whole) after every step: the usual
         # layout between tensor-parallel layers, and without it jaxlib 0.10.2 miscompiles this block for small
@@ -118,6 +120,7 @@ class Transformer2DModel(nn.Module):
     upcast_attention: bool = False
     record: frozenset[str] = frozenset()
     attn_pool_size: int = 0
+    attention_query_chunk: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -146,7 +149,7 @@ class Transformer2DModel(nn.Module):
             maps = frozenset(m for m in ("attn1", "attn2") if f"{block}.{m}" in self.record)
             y, probs = BasicTransformerBlock(
                 self.num_heads, self.head_dim, self.upcast_attention, maps, extra_context is not None,
-                name=f"transformer_blocks_{k}", **kw)(y, context, extra_context)
+                self.attention_query_chunk, name=f"transformer_blocks_{k}", **kw)(y, context, extra_context)
             for m, p in probs.items():
                 records[f"{block}.{m}"] = p.reshape(batch, height, width, p.shape[-1])
             if block in self.record:

@@ -80,6 +80,7 @@ class _BlockBase(nn.Module):
     block_index: int  # index into the per-block config tuples (down order); the mid block uses the last one
     record: frozenset[str] = frozenset()
     attn_pools: tuple[tuple[str, int], ...] = ()  # (transformer name, pool grid side), see UNet2DConditionModel
+    attention_query_chunk: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -94,8 +95,8 @@ class _BlockBase(nn.Module):
         return Transformer2DModel(
             name, heads, channels // heads, layers, self.config.norm_num_groups,
             self.config.use_linear_projection, self.config.upcast_attention, self.record,
-            dict(self.attn_pools).get(name, 0), name=f"attentions_{j}", dtype=self.dtype,
-            param_dtype=self.param_dtype)(x, context, pooled_inputs.get(name))
+            dict(self.attn_pools).get(name, 0), self.attention_query_chunk, name=f"attentions_{j}",
+            dtype=self.dtype, param_dtype=self.param_dtype)(x, context, pooled_inputs.get(name))
 
     def _keep(self, records: Records, name: str, x: jax.Array):
         if name in self.record:
@@ -206,6 +207,8 @@ class UNet2DConditionModel(nn.Module):
     `attn_pools`: ((transformer name, grid side), ...), e.g. (("mid_block.attentions.0", 6),): those transformers
     get an `attn_pool` with a learned grid of that side and an attn3 in each block (LD-ZNet injection); the call
     must then give `pooled_inputs` = {name: (B, h, w, C) feature map} for exactly these names.
+    `attention_query_chunk`: > 0 attends that many queries at a time wherever no attention map is recorded
+    (attention.multi_head_attention: the same result, a fraction of the score memory); 0: all at once.
     """
 
     config: UNetConfig = UNetConfig()
@@ -213,6 +216,7 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str | None = None
     attn_pools: tuple[tuple[str, int], ...] = ()
+    attention_query_chunk: int = 0
 
     def dummy_inputs(self, batch: int = 1, size: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Example (sample, timesteps, context) for init / eval_shape; the spatial size is the smallest valid one."""
@@ -251,7 +255,7 @@ class UNet2DConditionModel(nn.Module):
         self._check_names(taps, attn_maps, pooled_inputs)
         wanted = frozenset(taps) | frozenset(attn_maps)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        block_kw = dict(attn_pools=self.attn_pools, **kw)
+        block_kw = dict(attn_pools=self.attn_pools, attention_query_chunk=self.attention_query_chunk, **kw)
         records: Records = {}
 
         def done() -> bool:

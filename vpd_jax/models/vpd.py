@@ -108,6 +108,7 @@ class _VPDBase(nn.Module):
     stop_grad_attn: bool = True
     gamma_init: float = 1e-4
     remat_policy: str | None = None
+    attention_query_chunk: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -125,7 +126,8 @@ class _VPDBase(nn.Module):
         posterior = AutoencoderKLEncoder(self.vae, name="vae", **self._kw())(images)
         latents = jax.lax.stop_gradient(posterior.mean) * self.latent_scale
         spec = feature_spec(self.unet, (height, width), self.use_attn, self.attn_max_queries)
-        unet = UNet2DConditionModel(self.unet, remat_policy=self.remat_policy, name="unet", **self._kw())
+        unet = UNet2DConditionModel(self.unet, remat_policy=self.remat_policy,
+                                    attention_query_chunk=self.attention_query_chunk, name="unet", **self._kw())
         out = unet(latents, jnp.full((images.shape[0],), self.timestep, jnp.int32), context,
                    taps=spec.taps, attn_maps=spec.attn_layers, output_sample=False)
         features = assemble_features(out.taps, out.attn, spec, self.stop_grad_attn)
