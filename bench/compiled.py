@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import flops, machine
+from bench import compiled_jobs, flops, machine
 from bench.backbone_jax import memory_analysis
 from vpd_jax import parallel, tasks
 from vpd_jax.models.unet import UNet2DConditionModel
@@ -57,16 +57,18 @@ def _sds(shape, dtype, sharding=None) -> jax.ShapeDtypeStruct:
 # ------------------------------------------------------------------------------- the VPD-seg train step
 
 
-def seg_config(arch: str, image: int, dtype: str, remat: str | None, mesh: dict,
-               nonfinite_check: str = "gradients"):
-    """configs/vpd_seg_ade20k.py (the paper run) on a preset architecture, random class embeddings, no files."""
+def seg_config(key: dict):
+    """configs/vpd_seg_ade20k.py (the paper run) as a compiled_jobs.step_key says (architecture preset, crop size,
+    variant), with random class embeddings: no files."""
     config = importlib.import_module("configs.vpd_seg_ade20k").get_config()
-    config.model.arch = arch
+    config.model.arch = key["arch"]
     config.model.class_embeddings = "random"
-    config.model.dtype = dtype
-    config.model.remat_policy = remat or ""
-    config.nonfinite_check = nonfinite_check
-    config.data.aug.crop_size = (image, image)
+    config.model.dtype = key["dtype"]
+    config.model.remat_policy = key["remat"] or ""
+    config.model.attention_query_chunk = key["attention_query_chunk"]
+    config.nonfinite_check = key["nonfinite_check"]
+    config.data.aug.crop_size = (key["image"], key["image"])
+    mesh = key["mesh"]
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh.get("data", 1), mesh.get("fsdp", 1), 1
     return config
 
@@ -157,7 +159,7 @@ def run_programs(spec: dict) -> dict:
         rows.append(dict(key=key, name=name, compile_s=seconds, analytic_flops=analytic, note="",
                          **_cost(compiled), xla_memory=memory_analysis(compiled)))
 
-    config = seg_config(arch, image, "float32", None, {})
+    config = seg_config(compiled_jobs.step_key(arch, image, compiled_jobs.variant(), batch))
     step = SegTrainStep(config)
     arch_cfg = step.task.arch
     for key, name, fn, args, ops in _unet_programs(arch_cfg.unet, image, batch):
@@ -176,7 +178,7 @@ def run_programs(spec: dict) -> dict:
 
 def compile_train_step(key: dict) -> dict:
     """key: compiled_jobs.step_key. XLA's cost and per-device memory of that train step, and its compile time."""
-    config = seg_config(key["arch"], key["image"], key["dtype"], key["remat"], key["mesh"], key["nonfinite_check"])
+    config = seg_config(key)
     compiled, seconds = SegTrainStep(config).compile(key["global_batch"])
     return dict(compile_s=seconds, **_cost(compiled), xla_memory=memory_analysis(compiled))
 

@@ -16,21 +16,27 @@ def devices_of(mesh: dict) -> int:
     return int(np.prod(list(mesh.values()) or [1]))
 
 
-def step_key(arch: str, image: int, dtype: str, remat: str | None, mesh: dict, global_batch: int,
-             nonfinite_check: str = "gradients") -> dict:
-    """One compiled train step: what `bench.compiled.compile_train_step` builds and the results are looked up by."""
-    return dict(arch=arch, image=image, dtype=dtype, remat=remat, mesh=dict(sorted(mesh.items())),
-                global_batch=global_batch, nonfinite_check=nonfinite_check)
+def variant(mesh: dict | None = None, dtype: str = "float32", remat: str | None = None,
+            nonfinite_check: str = "gradients", attention_query_chunk: int = 0) -> dict:
+    """How a train step is compiled: the mesh axis sizes ({} = 1 device), compute dtype, model.remat_policy,
+    config.nonfinite_check and model.attention_query_chunk (defaults: the configs' defaults)."""
+    return dict(mesh=dict(sorted((mesh or {}).items())), dtype=dtype, remat=remat, nonfinite_check=nonfinite_check,
+                attention_query_chunk=attention_query_chunk)
+
+
+def step_key(arch: str, image: int, how: dict, global_batch: int) -> dict:
+    """One compiled train step (`how`: a `variant`): what `bench.compiled.compile_train_step` builds and the
+    results are looked up by."""
+    return dict(arch=arch, image=image, global_batch=global_batch, **variant(**how))
 
 
 def _cost_keys(cost: dict) -> list[dict]:
-    return [step_key(cost["arch"], cost["image"], "float32", remat, {}, cost["batch"]) for remat in cost["train_remats"]]
+    return [step_key(cost["arch"], cost["image"], variant(remat=remat), cost["batch"]) for remat in cost["train_remats"]]
 
 
-def _memory_keys(memory: dict, variant: dict) -> list[dict]:
-    devices = devices_of(variant["mesh"])
-    return [step_key(memory["arch"], memory["image"], variant["dtype"], variant["remat"], variant["mesh"],
-                     per_device * devices, variant["nonfinite_check"])
+def _memory_keys(memory: dict, how: dict) -> list[dict]:
+    devices = devices_of(how["mesh"])
+    return [step_key(memory["arch"], memory["image"], how, per_device * devices)
             for per_device in memory["per_device_batches"]]
 
 

@@ -40,8 +40,9 @@ as train.py jits it: sharded, state donated): arguments + temporaries + outputs 
 argument, on XLA:CPU with 8 fake devices for the meshes and its concurrency-optimised scheduler off (that
 scheduler buys parallelism on a CPU with a quarter more peak memory; TPU and GPU schedule differently, so a
 TPU/GPU buffer assignment differs somewhat). The largest per-device batch comes from the straight line through
-the compiled sizes at two batches. The non-finite check is `config.nonfinite_check` (default 'gradients'; 'updates' also
-checks the update itself, which then has to exist beside the old state).
+the compiled sizes at two batches. *query chunk* is `model.attention_query_chunk` (queries per attention chunk,
+none = all at once); *non-finite check* is `config.nonfinite_check` ('gradients', the default, or 'updates', which
+also checks the update itself, so that it has to exist beside the old state).
 
 **Input pipeline.** The real training pipelines on synthetic full-size images written in the datasets' layouts;
 img/s/core is images per CPU-second of the whole process (all tf.data threads)."""
@@ -143,11 +144,13 @@ def _compiled(part: dict) -> list[str]:
         rows = []
         for r in memory["rows"]:
             mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items()) or "1 device"
-            rows.append([mesh, r["dtype"], r["remat"] or "none", r["nonfinite_check"],
+            rows.append([mesh, r["dtype"], r["remat"] or "none", r["attention_query_chunk"] or "none",
+                         r["nonfinite_check"],
                          *(_gib(p["per_device_bytes"]) for p in r["points"]),
                          _gib(r["points"][0]["argument_size_in_bytes"]), _gib(r["fixed_bytes"]),
                          _gib(r["per_example_bytes"]), *(r["max_batch"][c] for c in caps)])
-        out.append(table(["mesh", "compute", "remat", "non-finite check", *(f"batch {b}" for b in batches), "of which arguments (b1)",
+        out.append(table(["mesh", "compute", "remat", "query chunk", "non-finite check",
+                          *(f"batch {b}" for b in batches), "of which arguments (b1)",
                           "fixed", "per example", *(f"max batch {c} GiB" for c in caps)], rows))
     return out
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench import cases, machine, report
-from bench.compiled_jobs import GIB, assemble, fit_batches, jobs, step_key
+from bench.compiled_jobs import GIB, assemble, fit_batches, jobs, step_key, variant
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA's count of the tiny forward programs over the analytic one: XLA adds the elementwise work (norms,
@@ -119,12 +119,8 @@ def _fake_step(key: dict) -> dict:
 
 COMPILED_SPEC = dict(cost=dict(arch="sd15", image=512, batch=1, train_remats=[None, "nothing_saveable"]),
                      memory=dict(arch="sd15", image=512, per_device_batches=[1, 2], capacities_gib=[16, 80],
-                                 variants=[dict(mesh={}, dtype="float32", remat=None, nonfinite_check="gradients"),
-                                           dict(mesh={}, dtype="float32", remat="nothing_saveable",
-                                                nonfinite_check="gradients"),
-                                           dict(mesh={}, dtype="float32", remat=None, nonfinite_check="updates"),
-                                           dict(mesh={"fsdp": 8}, dtype="float32", remat=None,
-                                                nonfinite_check="gradients")]))
+                                 variants=[variant(), variant(remat="nothing_saveable"),
+                                           variant(nonfinite_check="updates"), variant({"fsdp": 8})]))
 
 
 def test_compiled_jobs_compile_each_train_step_once():
@@ -132,14 +128,16 @@ def test_compiled_jobs_compile_each_train_step_once():
     assert job_list[0] == dict(job="programs", cost=COMPILED_SPEC["cost"])
     keys = [j["key"] for j in job_list[1:]]
     # the cost section's two steps are the memory section's batch-1 points of the first two variants
-    assert keys == [step_key("sd15", 512, "float32", None, {}, 1),
-                    step_key("sd15", 512, "float32", "nothing_saveable", {}, 1),
-                    step_key("sd15", 512, "float32", None, {}, 2),
-                    step_key("sd15", 512, "float32", "nothing_saveable", {}, 2),
-                    step_key("sd15", 512, "float32", None, {}, 1, "updates"),
-                    step_key("sd15", 512, "float32", None, {}, 2, "updates"),
-                    step_key("sd15", 512, "float32", None, {"fsdp": 8}, 8),
-                    step_key("sd15", 512, "float32", None, {"fsdp": 8}, 16)]
+    assert keys == [step_key("sd15", 512, variant(), 1),
+                    step_key("sd15", 512, variant(remat="nothing_saveable"), 1),
+                    step_key("sd15", 512, variant(), 2),
+                    step_key("sd15", 512, variant(remat="nothing_saveable"), 2),
+                    step_key("sd15", 512, variant(nonfinite_check="updates"), 1),
+                    step_key("sd15", 512, variant(nonfinite_check="updates"), 2),
+                    step_key("sd15", 512, variant({"fsdp": 8}), 8),
+                    step_key("sd15", 512, variant({"fsdp": 8}), 16)]
+    assert keys[0] == dict(arch="sd15", image=512, global_batch=1, mesh={}, dtype="float32", remat=None,
+                           nonfinite_check="gradients", attention_query_chunk=0)
 
 
 def _fake_programs() -> dict:
@@ -181,16 +179,16 @@ def test_report_memory_table():
     """The memory section as the default mode writes it (its train steps are too slow to compile in a test)."""
     points = [dict(per_device_batch=b, per_device_bytes=(3 + 2 * b) * GIB, argument_size_in_bytes=2 * GIB)
               for b in (1, 2)]
-    rows = [dict(mesh=mesh, dtype="bfloat16", remat=None, nonfinite_check=check, devices=8, points=points,
-                 **fit_batches([(1, 5 * GIB), (2, 7 * GIB)], [16, 80]))
-            for mesh, check in (({}, "gradients"), ({"data": 2, "fsdp": 4}, "updates"))]
+    rows = [dict(variant(mesh, "bfloat16", nonfinite_check=check, attention_query_chunk=chunk), devices=8,
+                 points=points, **fit_batches([(1, 5 * GIB), (2, 7 * GIB)], [16, 80]))
+            for mesh, check, chunk in (({}, "gradients", 0), ({"data": 2, "fsdp": 4}, "updates", 1024))]
     results = dict(command="python -m bench.run", mode="default", device="cpu", machine=machine.describe(),
                    parts={"compiled": dict(memory=dict(arch="sd15", image=512, capacities_gib=[16, 80], rows=rows))})
     text = report.render(results)
-    assert "| mesh | compute | remat | non-finite check | batch 1 | batch 2 | of which arguments (b1) | fixed | " \
-           "per example | max batch 16 GiB | max batch 80 GiB |" in text
-    assert "| 1 device | bfloat16 | none | gradients | 5.00 | 7.00 | 2.00 | 3.00 | 2.00 | 6 | 38 |" in text
-    assert "| data=2 x fsdp=4 | bfloat16 | none | updates |" in text
+    assert "| mesh | compute | remat | query chunk | non-finite check | batch 1 | batch 2 | of which arguments (b1) " \
+           "| fixed | per example | max batch 16 GiB | max batch 80 GiB |" in text
+    assert "| 1 device | bfloat16 | none | none | gradients | 5.00 | 7.00 | 2.00 | 3.00 | 2.00 | 6 | 38 |" in text
+    assert "| data=2 x fsdp=4 | bfloat16 | none | 1024 | updates |" in text
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="an accelerator is present")
