@@ -63,9 +63,10 @@ def _gib(n: float | None) -> str:
 
 
 def _part_header(title: str, part: dict) -> list[str]:
-    return [f"## {title}", "", f"Measured {part.get('started', '?')} in {part.get('elapsed_s', 0):.0f} s; load "
-            f"average {part.get('load_average_at_start')} at the start, {part.get('load_average_at_end')} at the end.",
-            ""]
+    code = f"commit {part['code']}" if "code" in part else "a commit that run did not record"
+    return [f"## {title}", "", f"Measured {part.get('started', '?')} in {part.get('elapsed_s', 0):.0f} s from {code}; "
+            f"load average {part.get('load_average_at_start')} at the start, {part.get('load_average_at_end')} at the "
+            "end.", ""]
 
 
 def _errors(items: Iterable[tuple[str, dict]]) -> list[str]:

@@ -198,3 +198,19 @@ def test_device_mode_stops_without_an_accelerator(tmp_path):
     assert done.returncode != 0
     assert "no accelerator found" in done.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert machine.code_version(str(tmp_path)) == "unknown (not a git checkout)"
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("x = 1\n")
+    git("add", "f.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "f")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert machine.code_version(str(tmp_path)) == head
+    (tmp_path / "f.py").write_text("x = 2\n")
+    assert machine.code_version(str(tmp_path)) == f"{head} + uncommitted changes"
