@@ -141,6 +141,14 @@ def code_version(repo: str) -> str:
     return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
 
 
+def fingerprint(description: dict) -> str:
+    """What identifies the machine of a `describe()` for comparing runs: CPU model and flags, CPUs available, RAM."""
+    ram = description.get("ram_bytes")
+    return (f"{description['cpu_model']} ({', '.join(description['cpu_flags'])}), {description['available_cpus']} CPUs "
+            "available"
+            + (f", {ram / 2 ** 30:.0f} GiB RAM" if ram else ""))
+
+
 def describe() -> dict:
     """The machine, as the report's header shows it. Imports no framework (safe in the orchestrating process)."""
     return dict(

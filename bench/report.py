@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+from bench import machine
 from bench.cases import AGREEMENT_TOLERANCE
 
 GIB = 2 ** 30
@@ -43,9 +44,10 @@ TPU/GPU buffer assignment differs somewhat). The largest per-device batch comes 
 the compiled sizes at two batches, so it is an estimate: where the peak moves between the two (from the optimizer
 update at batch 1 to the activations at batch 2, as with the 'updates' check) the slope is too low and the batch
 too high. bfloat16 comes out above float32 on XLA:CPU: it adds bf16 copies of the weights, and the per-example
-activations do not shrink; that row describes XLA:CPU only, not bf16 on a TPU or GPU. *query chunk* is `model.attention_query_chunk` (queries per attention chunk,
-none = all at once); *non-finite check* is `config.nonfinite_check` ('gradients', the default, or 'updates', which
-also checks the update itself, so that it has to exist beside the old state).
+activations do not shrink; that row describes XLA:CPU only, not bf16 on a TPU or GPU. *query chunk* is
+`model.attention_query_chunk` (queries per attention chunk, none = all at once); *non-finite check* is
+`config.nonfinite_check` ('gradients', the default, or 'updates', which also checks the update itself, so that
+it has to exist beside the old state).
 
 **Input pipeline.** The real training pipelines on synthetic full-size images written in the datasets' layouts;
 img/s/core is images per CPU-second of the whole process (all tf.data threads)."""
@@ -65,11 +67,17 @@ def _gib(n: float | None) -> str:
     return "–" if n is None else f"{n / GIB:.2f}"
 
 
-def _part_header(title: str, part: dict) -> list[str]:
+def _part_header(title: str, part: dict, machine_now: str) -> list[str]:
+    """When and from which commit a part was measured, and on which machine if not the header's (an `--only` run
+    keeps the other parts of an earlier one)."""
     code = f"commit {part['code']}" if "code" in part else "a commit that run did not record"
-    return [f"## {title}", "", f"Measured {part.get('started', '?')} in {part.get('elapsed_s', 0):.0f} s from {code}; "
-            f"load average {part.get('load_average_at_start')} at the start, {part.get('load_average_at_end')} at the "
-            "end.", ""]
+    if "machine" not in part:
+        where = " on a machine that run did not record"
+    else:
+        where = "" if part["machine"] == machine_now else f" **on another machine: {part['machine']}**"
+    return [f"## {title}", "", f"Measured {part.get('started', '?')} in {part.get('elapsed_s', 0):.0f} s from {code}"
+            f"{where}; load average {part.get('load_average_at_start')} at the start, "
+            f"{part.get('load_average_at_end')} at the end.", ""]
 
 
 def _errors(items: Iterable[tuple[str, dict]]) -> list[str]:
@@ -77,8 +85,8 @@ def _errors(items: Iterable[tuple[str, dict]]) -> list[str]:
     return ["", "Failed:", "", *lines] if lines else []
 
 
-def _backbone(part: dict) -> list[str]:
-    out = _part_header("1. Backbone: JAX vs PyTorch", part)
+def _backbone(part: dict, machine_now: str) -> list[str]:
+    out = _part_header("1. Backbone: JAX vs PyTorch", part, machine_now)
     out.append(f"Device `{part['device']}`, {part['threads']} threads per framework, median of `reps` timed calls "
                "after `warmup`; seconds per image.")
     out.append("")
@@ -112,8 +120,8 @@ def _backbone(part: dict) -> list[str]:
     return out
 
 
-def _compiled(part: dict) -> list[str]:
-    out = _part_header("2-3. Compiled cost and memory (compile only)", part)
+def _compiled(part: dict, machine_now: str) -> list[str]:
+    out = _part_header("2-3. Compiled cost and memory (compile only)", part, machine_now)
     if "error" in part:
         return out + [f"Failed: {part['error']}"]
     if part.get("jobs"):
@@ -159,8 +167,8 @@ def _compiled(part: dict) -> list[str]:
     return out
 
 
-def _input(part: dict) -> list[str]:
-    out = _part_header("4. Input pipeline", part)
+def _input(part: dict, machine_now: str) -> list[str]:
+    out = _part_header("4. Input pipeline", part, machine_now)
     if "error" in part:
         return out + [f"Failed: {part['error']}"]
     out.append(f"{part['cores']} CPU cores available, batch {part['batch_size']}.")
@@ -191,5 +199,5 @@ def render(results: dict) -> str:
     sections = {"backbone": _backbone, "compiled": _compiled, "input": _input}
     for name, render_part in sections.items():
         if name in results["parts"]:
-            out += render_part(results["parts"][name]) + [""]
+            out += render_part(results["parts"][name], machine.fingerprint(m)) + [""]
     return "\n".join(out)

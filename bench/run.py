@@ -137,7 +137,8 @@ def main(argv=None) -> None:
             log(f"part {name} ({plan.mode})")
             started, code, load = machine.now(), machine.code_version(REPO), machine.load_average()
             start = time.perf_counter()
-            parts[name] = dict(runners[name](), started=started, code=code, load_average_at_start=load,
+            parts[name] = dict(runners[name](), started=started, code=code,
+                               machine=machine.fingerprint(description), load_average_at_start=load,
                                load_average_at_end=machine.load_average(), elapsed_s=time.perf_counter() - start)
             log(f"part {name} done in {parts[name]['elapsed_s']:.0f} s")
     command = " ".join(["python -m bench.run", *(sys.argv[1:] if argv is None else argv)])

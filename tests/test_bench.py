@@ -214,3 +214,14 @@ def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
     assert machine.code_version(str(tmp_path)) == head
     (tmp_path / "f.py").write_text("x = 2\n")
     assert machine.code_version(str(tmp_path)) == f"{head} + uncommitted changes"
+
+
+def test_report_names_each_parts_commit_and_a_different_machine():
+    here = machine.describe()
+    elsewhere = machine.fingerprint(dict(here, cpu_model="Other CPU"))
+    parts = {"input": dict(rows=[], cores=2, batch_size=8, code="abc1234", machine=elsewhere),
+             "compiled": dict(code="def5678 + uncommitted changes", machine=machine.fingerprint(here))}
+    text = report.render(dict(command="python -m bench.run", mode="default", device="cpu", machine=here, parts=parts))
+    compiled_header = text[text.index("## 2-3."):text.index("## 4.")]
+    assert "from commit def5678 + uncommitted changes; load" in compiled_header
+    assert f"from commit abc1234 **on another machine: {elsewhere}**" in text[text.index("## 4."):]
