@@ -29,7 +29,7 @@ their task and paper need. Field meanings:
                        skipped and counted. Either way a non-finite update never reaches the parameters.
   nonfinite_check      what decides that a step is non-finite: 'gradients' (loss, gradient norm and learning rate,
                        before the update, which then happens in place; needs optim.eps > 0) or 'updates' (also the
-                       update itself, at the cost of about two more copies of the trainable parameters in memory
+                       update itself, at the cost of about one more copy of the trainable parameters in memory
                        at the step's peak, BENCHMARKS.md). The references have no guard at all.
   eval.*               evaluation protocol (spec 2.4, 3.6, 4.4)
 """

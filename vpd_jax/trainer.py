@@ -166,8 +166,8 @@ class Trainer:
         which is then computed in place under a lax.cond. With finite gradients, finite hyper-parameters and
         eps > 0 (build_trainer insists), AdamW's update is finite too. 'updates' also checks the update itself,
         which must then be complete before the old state may be overwritten: new and old moments and parameters
-        live side by side, about two to three more copies of the trainable parameters at the step's peak
-        (measured in BENCHMARKS.md).
+        live side by side (the VPD-seg step at SD1.5 size, batch 1: 3 GiB more, about one copy of the trainable
+        parameters; BENCHMARKS.md).
         """
         def update(params, opt_state):
             updates, opt_state = self.tx.update(grads, opt_state, params)
