@@ -2,9 +2,9 @@
 
   default  SD1.5-size: cases.default_cases() for the backbone, the compile-only cost of the 512 px programs and
            the memory of the VPD-seg train step (_one_factor_variants), the input pipelines on 48 full-size
-           images. About 1.2 hours on 2 cores (backbone 24 min, compile-only ~45, input 0.5). The issue's ~20
-           minutes does not hold: each of the sixteen train steps of the memory table takes XLA:CPU 5-7 minutes
-           to compile, on one thread (mostly code generation for its ~11,000 kernels); they run two at a time.
+           images. 35 minutes on 2 cores (measured: backbone 9 min, compile-only 25, input 0.4). The issue's ~20
+           minutes does not hold: each of the sixteen train steps of the memory table takes XLA:CPU 2.5-6
+           minutes to compile, on one thread (mostly code generation for its ~11,000 kernels); two at a time.
   full     the same with cases.full_cases() and every remat x dtype x mesh combination
   quick    the tiny UNet (cases.tiny_cases(), 64 px), the compiled cost of the forward programs, a few input
            batches: checks the harness end to end in minutes (tests/test_bench.py). No VPD-seg train step is
