@@ -144,9 +144,8 @@ def code_version(repo: str) -> str:
 def fingerprint(description: dict) -> str:
     """What identifies the machine of a `describe()` for comparing runs: CPU model and flags, CPUs available, RAM."""
     ram = description.get("ram_bytes")
-    return (f"{description['cpu_model']} ({', '.join(description['cpu_flags'])}), {description['available_cpus']} CPUs "
-            "available"
-            + (f", {ram / 2 ** 30:.0f} GiB RAM" if ram else ""))
+    cpu = f"{description['cpu_model']} ({', '.join(description['cpu_flags'])})"
+    return f"{cpu}, {description['available_cpus']} CPUs available" + (f", {ram / 2 ** 30:.0f} GiB RAM" if ram else "")
 
 
 def describe() -> dict:

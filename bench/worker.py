@@ -26,8 +26,9 @@ from bench import machine
 FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 # The compile-only runner also turns off XLA:CPU's concurrency-optimised scheduler: it orders the program for
-# parallel execution on the CPU's thread pool and so keeps more buffers alive at once (the VPD-seg train step:
-# 24.9 GiB instead of 19.7 at batch 1), which tells nothing about a TPU or GPU, whose schedulers differ.
+# parallel execution on the CPU's thread pool and so keeps more buffers alive at once (the VPD-seg train step
+# with nonfinite_check='updates', batch 1: 24.9 GiB instead of 19.7), which tells nothing about a TPU or GPU,
+# whose schedulers differ.
 COMPILE_ONLY_XLA_FLAGS = FAST_COMPILE_XLA_FLAGS + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 # kind -> (module with run(spec) -> dict, XLA flags, fake CPU devices); None: no framework setup.

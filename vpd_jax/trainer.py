@@ -139,11 +139,12 @@ class Trainer:
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(self.info.lr_at_step(step))
+        lr = self.info.lr_at_step(step)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
         (params, opt_state), finite = self._guarded_update(grads, state, finite)
         batch_stats = state["batch_stats"]
         if new_stats is not None:
-            batch_stats = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_stats, batch_stats)
+            batch_stats = _keep_if(finite, new_stats, batch_stats)
 
         first_bad = state["nonfinite"] == 0
         new_state = dict(
@@ -156,7 +157,7 @@ class Trainer:
             first_nonfinite_step=jnp.where(~finite & first_bad, step + 1, state["first_nonfinite_step"]),
         )
         metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(new_state["params"]),
-                       lr=self.info.lr_at_step(step))
+                       lr=lr)
         return new_state, metrics
 
     def _guarded_update(self, grads, state: dict, finite: jax.Array) -> tuple[tuple[Any, Any], jax.Array]:
@@ -177,7 +178,7 @@ class Trainer:
         if self.config.nonfinite_check == "updates":
             new, updates = update(*old)
             finite = finite & jnp.isfinite(optax.tree.norm(updates))
-            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old), finite
+            return _keep_if(finite, new, old), finite
         return jax.lax.cond(finite, lambda p, o: update(p, o)[0], lambda p, o: (p, o), *old), finite
 
     def jit_train_step(self):
@@ -185,6 +186,10 @@ class Trainer:
         return jax.jit(self.train_step, donate_argnums=(0,),
                        in_shardings=(self.state_shardings, self.batch_sharding, constants_sharding),
                        out_shardings=(self.state_shardings, self.replicated))
+
+
+def _keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
 NONFINITE_CHECKS = ("gradients", "updates")
