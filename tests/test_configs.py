@@ -238,3 +238,16 @@ def test_sd15_preset_matches_config_init_shapes():
         mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=64,
         up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
     assert UNetConfig.from_dict(sd15_unet_json) == presets.architecture("sd15").unet
+
+
+def test_compute_kwargs_reach_the_model_and_reject_bad_values():
+    model = base_config("seg", "vpd_shapes/small").model
+    model.update(remat_policy="nothing_saveable", attention_query_chunk=256, dtype="bfloat16")
+    assert tasks.compute_kwargs(model) == dict(remat_policy="nothing_saveable", attention_query_chunk=256,
+                                               dtype=jnp.bfloat16)
+    model.attention_query_chunk = -1
+    with pytest.raises(ValueError, match=r"config\.model\.attention_query_chunk=-1 must be >= 0"):
+        tasks.compute_kwargs(model)
+    model.update(attention_query_chunk=0, dtype="float16")
+    with pytest.raises(ValueError, match=r"config\.model\.dtype='float16'"):
+        tasks.compute_kwargs(model)
