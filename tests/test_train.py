@@ -696,9 +696,9 @@ def sd_root(tmp_path_factory) -> str:
 def test_pretrained_init_sharded_step_equals_unsharded(sd_root, data_dir, tmp_path):
     """A run started with --config.init=<SD root> --config.model.arch=init on a (data 2, fsdp 2, tensor 2) mesh:
     its step-0 state holds exactly the file's UNet (without conv_norm_out / conv_out) and VAE, already in their
-    shards; a train step on that mesh equals the same step on one device within 2e-5 (relative, per leaf) or, for
-    the few leaves that float32 cannot pin down, as closely as that step on the batch in reverse order; the
-    frozen VAE stays bit-identical over steps."""
+    shards; a train step on that mesh equals the same step on one device within 2e-5 (relative, per leaf; 4e-5 for
+    Adam's second moment, a square) or, for the few leaves that float32 cannot pin down, as closely as that step
+    on the batch in reverse order; the frozen VAE stays bit-identical over steps."""
     config = smoke_config("seg", data_dir, init=sd_root, **{"model.arch": "init", "mesh.data": 2, "mesh.fsdp": 2,
                                                             "mesh.tensor": 2})
     # A visible update at step 1 (the smoke schedule warms up from 1e-6 x lr).
@@ -763,6 +763,12 @@ def test_pretrained_init_sharded_step_equals_unsharded(sd_root, data_dir, tmp_pa
     unsharded, unsharded_metrics = unsharded_step(batch)
     reordered, reordered_metrics = unsharded_step({k: v[::-1].copy() for k, v in batch.items()})
 
+    def relative_tolerance(key: str) -> float:
+        # Adam's second moment is (1 - b2) g^2: relative to the leaf's largest value, an error d in g becomes 2d.
+        # (On a CI machine nu of a self-attention to_k kernel, whose gradient softmax's shift invariance makes a
+        # cancelling sum, came out 3.2e-5 off; the batch in reverse order moved it by only 2e-6.)
+        return 4e-5 if ".nu[" in key else 2e-5
+
     # What the step computed: the gradient statistics (Adam moments), the BN statistics, the metrics, and the
     # parameter updates (update_differences says why only where the gradient is resolved), each as close to the
     # unsharded step as the same step on the batch in another order is.
@@ -771,7 +777,7 @@ def test_pretrained_init_sharded_step_equals_unsharded(sd_root, data_dir, tmp_pa
             ("batch_stats", sharded["batch_stats"], unsharded["batch_stats"], reordered["batch_stats"]),
             ("metrics", jax.device_get(sharded_metrics), unsharded_metrics, reordered_metrics)):
         assert_as_close_as_a_reordering(
-            name, {k: (d, 2e-5 * scale) for k, (d, scale) in leaf_differences(ours, theirs).items()},
+            name, {k: (d, relative_tolerance(k) * scale) for k, (d, scale) in leaf_differences(ours, theirs).items()},
             {k: d for k, (d, _) in leaf_differences(other, theirs).items()})
     lr = config.optim.lr
     assert_as_close_as_a_reordering(
