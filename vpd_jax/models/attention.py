@@ -1,14 +1,21 @@
 """Multi-head attention: one functional core, the diffusers-named `Attention` layer and LD-ZNet's `AttentionPool2d`.
 
-The core either returns the head-averaged softmax probabilities (computed explicitly, softmax in float32) or,
-when nobody asked for them, calls `jax.nn.dot_product_attention`, which may dispatch to a fused kernel
-(cuDNN flash attention on GPU) and never materialises the probabilities in HBM. Where no fused kernel exists
-(XLA:CPU, TPU, fp32 on GPU) it does materialise them, (B, heads, Lq, Lk) float32 per layer, kept for the backward
-pass: at SD's 64x64 latent 512 MiB per image and layer. `query_chunk` bounds that: a scan over query chunks
-whose body is rematerialised, so one chunk's scores are all that exists at once, forward and backward.
+The core computes attention heads-first, (B, heads, L, D), with an explicit backward pass (`_attention`, a
+custom VJP). Both choices are for speed and give the same values as the textbook formula: XLA:CPU runs a
+batched matmul with the batch dimensions leading far faster than the (B, L, heads, D) einsums of
+`jax.nn.dot_product_attention`'s XLA path, and the written-out backward pass (dS = P * (dP - rowsum(dO * O)))
+skips the softmax Jacobian's extra passes over the (B, heads, Lq, Lk) scores (bench/attention.py measures both).
+The head-averaged softmax probabilities are returned when asked for (the cross-attention maps), softmax in
+float32 always. `implementation='cudnn'` (or 'xla') hands the layers that return no probabilities to
+`jax.nn.dot_product_attention` instead (cuDNN flash attention on a GPU, which never materialises the scores).
+
+Otherwise the scores are materialised, (B, heads, Lq, Lk) float32 per layer, kept for the backward pass: at SD's
+64x64 latent 512 MiB per image and layer. `query_chunk` bounds that: a scan over query chunks whose body is
+rematerialised, so one chunk's scores are all that exists at once, forward and backward.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -42,51 +49,113 @@ def multi_head_attention(
       causal: mask keys after the query position (CLIP's text encoder).
       return_probs: also return the softmax probabilities averaged over heads, (B, Lq, Lk), float32.
       upcast: compute logits and softmax in float32 (diffusers `upcast_attention`/`upcast_softmax`).
-      implementation: passed to `jax.nn.dot_product_attention` on the fused path (None lets JAX choose).
-      query_chunk: > 0: on the fused path, attend `query_chunk` queries at a time (module docstring); the
-        result equals full attention up to float rounding. 0: all queries at once.
+      implementation: None: our heads-first core (module docstring). 'xla' or 'cudnn': layers that return no
+        probabilities call `jax.nn.dot_product_attention` with that implementation.
+      query_chunk: > 0: where no probabilities are returned, attend `query_chunk` queries at a time (module
+        docstring); the result equals full attention up to float rounding. 0: all queries at once.
     Returns:
-      (output (B, Lq, H*Dv) in q's dtype, head-averaged probabilities or None).
+      (output (B, Lq, H*Dv) in v's dtype, head-averaged probabilities or None).
     """
     batch, q_len, width = q.shape
     head_dim = width // num_heads
     scale = head_dim ** -0.5 if scale is None else scale
-    qh = q.reshape(batch, q_len, num_heads, head_dim)
-    kh = k.reshape(batch, k.shape[1], num_heads, head_dim)
-    vh = v.reshape(batch, v.shape[1], num_heads, v.shape[-1] // num_heads)
+    if query_chunk and q_len > query_chunk and causal and not return_probs:
+        raise ValueError("query_chunk with causal attention is not supported")
 
-    if not return_probs:
+    if implementation is not None and not return_probs:
+        def split(t):  # (B, L, H, D), jax.nn.dot_product_attention's layout
+            return t.reshape(*t.shape[:2], num_heads, t.shape[-1] // num_heads)
+
+        kh, vh = split(k), split(v)
+
         def attend(queries):
             return jax.nn.dot_product_attention(queries, kh, vh, scale=scale, is_causal=causal,
                                                 implementation=implementation)
 
-        if query_chunk and q_len > query_chunk:
-            if causal:
-                raise ValueError("query_chunk with causal attention is not supported")
-            out = _by_query_chunks(attend, qh, query_chunk)
-        else:
-            out = attend(qh)
-        return out.reshape(batch, q_len, -1), None
+        return _by_query_chunks(attend, split(q), query_chunk, axis=1).reshape(batch, q_len, -1), None
 
-    logits_dtype = jnp.float32 if upcast else q.dtype
-    logits = jnp.einsum("bqhd,bkhd->bhqk", qh.astype(logits_dtype), kh.astype(logits_dtype)) * scale
-    if causal:
-        allowed = jnp.tril(jnp.ones((q_len, k.shape[1]), dtype=bool))
-        logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), vh)
-    return out.reshape(batch, q_len, -1), probs.mean(axis=1)
+    qh, kh, vh = (_heads_first(t, num_heads) for t in (q, k, v))
+    if return_probs:
+        out, probs = _attention(qh, kh, vh, scale, causal, True, upcast)
+    else:
+        def attend(queries):
+            return _attention(queries, kh, vh, scale, causal, False, upcast)[0]
+
+        out, probs = _by_query_chunks(attend, qh, query_chunk, axis=2), None
+    return jnp.swapaxes(out, 1, 2).reshape(batch, q_len, -1), probs
 
 
-def _by_query_chunks(attend, qh: jax.Array, chunk: int) -> jax.Array:
-    """attend(queries (B, chunk, H, D)) -> (B, chunk, H, Dv) over the queries of qh, `chunk` at a time; the last
-    chunk is padded with zero queries, whose rows are dropped (softmax rows are independent)."""
-    batch, q_len, heads, dim = qh.shape
+def _heads_first(t: jax.Array, num_heads: int) -> jax.Array:
+    """(B, L, H*D) -> (B, H, L, D)."""
+    batch, length, width = t.shape
+    return jnp.swapaxes(t.reshape(batch, length, num_heads, width // num_heads), 1, 2)
+
+
+def _by_query_chunks(attend, queries: jax.Array, chunk: int, axis: int) -> jax.Array:
+    """attend(queries) over the queries of `queries` (their positions along `axis`), `chunk` at a time, as a scan
+    whose body is rematerialised (all at once when chunk is 0 or covers them). The last chunk is padded with zero
+    queries, whose rows are dropped (softmax rows are independent). The result has the queries along `axis`."""
+    q_len = queries.shape[axis]
+    if not chunk or q_len <= chunk:
+        return attend(queries)
     count = -(-q_len // chunk)
-    qh = jnp.pad(qh, ((0, 0), (0, count * chunk - q_len), (0, 0), (0, 0)))
-    chunks = jnp.moveaxis(qh.reshape(batch, count, chunk, heads, dim), 1, 0)
-    _, out = jax.lax.scan(jax.checkpoint(lambda carry, queries: (carry, attend(queries))), None, chunks)
-    return jnp.moveaxis(out, 0, 1).reshape(batch, count * chunk, heads, -1)[:, :q_len]
+    pad = [(0, 0)] * queries.ndim
+    pad[axis] = (0, count * chunk - q_len)
+    queries = jnp.pad(queries, pad)
+    shape = queries.shape[:axis] + (count, chunk) + queries.shape[axis + 1:]
+    chunks = jnp.moveaxis(queries.reshape(shape), axis, 0)
+    _, out = jax.lax.scan(jax.checkpoint(lambda carry, part: (carry, attend(part))), None, chunks)
+    out = jnp.moveaxis(out, 0, axis)
+    out = out.reshape(out.shape[:axis] + (count * chunk,) + out.shape[axis + 2:])
+    return jax.lax.slice_in_dim(out, 0, q_len, axis=axis)
+
+
+def _probabilities(qh, kh, scale: float, causal: bool, upcast: bool) -> jax.Array:
+    """softmax(scale * q k^T) over the keys, (B, H, Lq, Lk) in float32 (or wider inputs' dtype); masked keys get
+    probability 0."""
+    softmax_dtype = jnp.promote_types(qh.dtype, jnp.float32)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=softmax_dtype if upcast else qh.dtype)
+    logits = logits * scale
+    if causal:
+        allowed = jnp.tril(jnp.ones(logits.shape[-2:], dtype=bool))
+        logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
+    return jax.nn.softmax(logits.astype(softmax_dtype), axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(qh, kh, vh, scale: float, causal: bool, return_probs: bool, upcast: bool):
+    """(B, H, Lq, Dv) output in v's dtype, and (B, Lq, Lk) head-mean probabilities or None."""
+    return _attention_forward(qh, kh, vh, scale, causal, return_probs, upcast)[0]
+
+
+def _attention_forward(qh, kh, vh, scale, causal, return_probs, upcast):
+    probs = _probabilities(qh, kh, scale, causal, upcast)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(vh.dtype), vh)
+    return (out, probs.mean(axis=1) if return_probs else None), (qh, kh, vh, probs, out)
+
+
+def _attention_backward(scale, causal, return_probs, upcast, residuals, cotangents):
+    """With P the probabilities and dP = dO V^T (+ the head-mean map's cotangent / H): dV = P^T dO,
+    dS = scale * P * (dP - rowsum(P * dP)), dQ = dS K, dK = dS^T Q. Without a map cotangent rowsum(P * dP) is
+    rowsum(dO * O), a pass over (Lq, Dv) instead of (Lq, Lk)."""
+    del causal, upcast  # masked positions have P = 0, hence dS = 0
+    qh, kh, vh, probs, out = residuals
+    d_out, d_map = cotangents
+    wide = probs.dtype  # float32, or the inputs' dtype if wider
+    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(vh.dtype), d_out.astype(vh.dtype))
+    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, vh, preferred_element_type=wide)
+    if return_probs:
+        d_probs = d_probs + d_map[:, None].astype(wide) / probs.shape[1]
+        row = jnp.sum(probs * d_probs, axis=-1, keepdims=True)
+    else:
+        row = jnp.sum(d_out.astype(wide) * out.astype(wide), axis=-1, keepdims=True)
+    d_logits = probs * (d_probs - row) * scale
+    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, kh.astype(wide)).astype(qh.dtype)
+    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, qh.astype(wide)).astype(kh.dtype)
+    return d_q, d_k, d_v
+
+
+_attention.defvjp(_attention_forward, _attention_backward)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,148 @@
+"""The attention core (vpd_jax.models.attention.multi_head_attention): heads-first layout and a written-out backward
+pass, checked against a float64 NumPy forward, JAX's own autodiff of the textbook formula, finite differences, and
+`jax.nn.dot_product_attention`."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from vpd_jax.models.attention import multi_head_attention
+
+
+def numpy_attention(q, k, v, heads, scale, causal):
+    """float64 reference: (output (B, Lq, H*Dv), head-mean probabilities (B, Lq, Lk))."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    (b, lq, _), lk = q.shape, k.shape[1]
+    qh, kh, vh = (t.reshape(b, t.shape[1], heads, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
+    logits = qh @ kh.transpose(0, 1, 3, 2) * scale
+    if causal:
+        logits = np.where(np.tril(np.ones((lq, lk), bool)), logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return (probs @ vh).transpose(0, 2, 1, 3).reshape(b, lq, -1), probs.mean(1)
+
+
+def autodiff_attention(q, k, v, heads, scale, causal):
+    """The textbook formula in jnp (batch, query, head order), differentiated by JAX itself."""
+    b, lq, _ = q.shape
+    qh, kh, vh = (t.reshape(b, t.shape[1], heads, -1) for t in (q, k, v))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh) * scale
+    if causal:
+        logits = jnp.where(jnp.tril(jnp.ones(logits.shape[-2:], bool)), logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, vh).reshape(b, lq, -1), probs.mean(1)
+
+
+# (batch, Lq, Lk, heads, head dim, value head dim, causal)
+CASES = [(2, 12, 12, 2, 8, 8, False), (1, 20, 7, 4, 4, 6, False), (2, 9, 9, 3, 5, 5, True), (1, 16, 16, 1, 8, 8, True)]
+
+
+def _inputs(case, dtype=np.float32, seed=0):
+    b, lq, lk, h, d, dv, _ = case
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((b, lq, h * d)).astype(dtype), rng.standard_normal((b, lk, h * d)).astype(dtype),
+            rng.standard_normal((b, lk, h * dv)).astype(dtype))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_values_and_maps_match_float64(case):
+    q, k, v = _inputs(case)
+    heads, causal, scale = case[3], case[6], 0.7
+    out, probs = multi_head_attention(q, k, v, heads, scale=scale, causal=causal, return_probs=True)
+    ref_out, ref_probs = numpy_attention(q, k, v, heads, scale, causal)
+    np.testing.assert_allclose(np.asarray(out), ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(probs), ref_probs, rtol=1e-5, atol=1e-6)
+    plain, none = multi_head_attention(q, k, v, heads, scale=scale, causal=causal)
+    assert none is None
+    np.testing.assert_allclose(np.asarray(plain), ref_out, rtol=1e-5, atol=1e-5)
+
+
+def _loss(attention, weights):
+    """A loss that reaches every output and, with `weights` for the map, the head-mean probabilities too."""
+    out_w, map_w = weights
+
+    def loss(q, k, v):
+        out, probs = attention(q, k, v)
+        total = jnp.sum(out * out_w)
+        return total if probs is None or map_w is None else total + jnp.sum(probs * map_w)
+    return loss
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("with_map", [False, True])
+def test_gradients_match_autodiff_of_the_textbook_formula(case, with_map):
+    q, k, v = _inputs(case)
+    heads, causal = case[3], case[6]
+    rng = np.random.default_rng(1)
+    out_w = rng.standard_normal((q.shape[0], q.shape[1], v.shape[2])).astype(np.float32)
+    map_w = 5 * rng.standard_normal((q.shape[0], q.shape[1], k.shape[1])).astype(np.float32) if with_map else None
+
+    ours = _loss(lambda *a: multi_head_attention(*a, heads, causal=causal, return_probs=with_map), (out_w, map_w))
+    textbook = _loss(lambda *a: autodiff_attention(*a, heads, case[4] ** -0.5, causal), (out_w, map_w))
+    grads = jax.grad(ours, argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(textbook, argnums=(0, 1, 2))(q, k, v)
+    for name, g, e in zip("qkv", grads, expected):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5 * float(jnp.abs(e).max()),
+                                   err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("case", CASES[1:3])
+def test_gradients_match_finite_differences_in_float64(case):
+    heads, causal = case[3], case[6]
+    with jax.enable_x64(True):
+        q, k, v = (jnp.asarray(t, jnp.float64) for t in _inputs(case, np.float64))
+        for with_map in (False, True):
+            def f(q, k, v):
+                out, probs = multi_head_attention(q, k, v, heads, causal=causal, return_probs=with_map)
+                return out if probs is None else (out, probs)
+            check_grads(f, (q, k, v), order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [5, 8])
+def test_query_chunks_give_the_same_values_and_gradients(chunk):
+    case = CASES[1]
+    q, k, v = _inputs(case)
+    out_w = np.random.default_rng(2).standard_normal((q.shape[0], q.shape[1], v.shape[2])).astype(np.float32)
+
+    def loss_and_grads(query_chunk):
+        loss = _loss(lambda *a: multi_head_attention(*a, case[3], query_chunk=query_chunk), (out_w, None))
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    (loss, grads), (loss_c, grads_c) = loss_and_grads(0), loss_and_grads(chunk)
+    np.testing.assert_allclose(float(loss_c), float(loss), rtol=1e-6)
+    for g, g_c in zip(grads, grads_c):
+        np.testing.assert_allclose(np.asarray(g_c), np.asarray(g), rtol=1e-5, atol=1e-6 * float(jnp.abs(g).max()))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]])
+def test_same_as_jax_dot_product_attention_and_its_implementation_switch(case):
+    q, k, v = _inputs(case)
+    heads, causal = case[3], case[6]
+    split = [t.reshape(*t.shape[:2], heads, -1) for t in (q, k, v)]
+    expected = np.asarray(jax.nn.dot_product_attention(*split, is_causal=causal)).reshape(q.shape[0], q.shape[1], -1)
+    out, _ = multi_head_attention(q, k, v, heads, causal=causal)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-6)
+    via_jax, _ = multi_head_attention(q, k, v, heads, causal=causal, implementation="xla")
+    np.testing.assert_allclose(np.asarray(via_jax), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_bfloat16_inputs_give_bfloat16_outputs_and_gradients_close_to_float32():
+    case = CASES[0]
+    q, k, v = _inputs(case)
+    heads = case[3]
+    out_w = np.random.default_rng(3).standard_normal((q.shape[0], q.shape[1], v.shape[2])).astype(np.float32)
+    map_w = np.random.default_rng(4).standard_normal((q.shape[0], q.shape[1], k.shape[1])).astype(np.float32)
+    loss = _loss(lambda *a: multi_head_attention(*a, heads, return_probs=True), (out_w, map_w))
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    bf16 = [jnp.asarray(t, jnp.bfloat16) for t in (q, k, v)]
+    out, probs = multi_head_attention(*bf16, heads, return_probs=True)
+    assert out.dtype == jnp.bfloat16 and probs.dtype == jnp.float32
+    ref_out, ref_probs = numpy_attention(q, k, v, heads, case[4] ** -0.5, False)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, atol=0.05 * np.abs(ref_out).max())
+    np.testing.assert_allclose(np.asarray(probs), ref_probs, atol=0.02)
+    grads_bf16 = jax.grad(loss, argnums=(0, 1, 2))(*bf16)
+    for name, g, g16 in zip("qkv", grads, grads_bf16):
+        assert g16.dtype == jnp.bfloat16, name
+        np.testing.assert_allclose(np.asarray(g16, np.float32), np.asarray(g), atol=0.05 * float(jnp.abs(g).max()),
+                                   err_msg=f"d{name}")
