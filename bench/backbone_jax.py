@@ -62,8 +62,9 @@ def memory_analysis(compiled) -> dict:
 class Backbone:
     """Jitted forward and train step of the VPD read-out for one read-out spec and dtype."""
 
-    def __init__(self, config: UNetConfig, taps: tuple[str, ...], maps: tuple[str, ...], dtype: str):
-        self.model = UNet2DConditionModel(config, dtype=DTYPES[dtype])
+    def __init__(self, config: UNetConfig, taps: tuple[str, ...], maps: tuple[str, ...], dtype: str,
+                 query_chunk: int = 0):
+        self.model = UNet2DConditionModel(config, dtype=DTYPES[dtype], attention_query_chunk=query_chunk)
         self.spec = FeatureSpec(tuple(taps), tuple(maps))
 
     def features(self, params, latent, context) -> list[jax.Array]:
@@ -118,7 +119,7 @@ def run(spec: dict) -> dict:
     for case in cases_lib.ordered([cases_lib.Case(**c) for c in spec["cases"]]):
         try:
             readout = spec["readouts"][str(case.image)]
-            backbone = Backbone(config, readout["taps"], readout["attn_layers"], case.dtype)
+            backbone = Backbone(config, readout["taps"], readout["attn_layers"], case.dtype, case.query_chunk)
             latent, context = (jax.device_put(a, device) for a in cases_lib.inputs(case, config.cross_attention_dim))
             if case.mode == "forward":
                 compiled, compile_info = _compile(jax.jit(backbone.features), state["params"], latent, context)

@@ -25,6 +25,9 @@ TINY_UNET: dict = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, 
                        cross_attention_dim=32, norm_num_groups=8)
 
 CONTEXT_TOKENS = 150  # VPD-seg: the 150 adapted ADE20K class embeddings
+# model.attention_query_chunk of the JAX cases that set one: on XLA:CPU, 128-query chunks of the 64x64 latent's
+# self-attention are the fastest (measured 64-1024 at 512 px) and need a fraction of the memory.
+QUERY_CHUNK = 128
 TIMESTEP = 1  # spec 1.2
 ADAMW = dict(lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
 
@@ -37,10 +40,19 @@ class Case:
     dtype: str  # "float32" | "bfloat16"
     reps: int  # timed repetitions (median reported)
     warmup: int = 1
+    # JAX only: the UNet's model.attention_query_chunk (0: all queries at once, the configs' default). PyTorch
+    # runs the same case as without it (its scaled_dot_product_attention is its own); the run reuses that result.
+    query_chunk: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.mode} {self.dtype} {self.image}px b{self.batch}"
+        chunk = f", JAX query chunk {self.query_chunk}" if self.query_chunk else ""
+        return f"{self.mode} {self.dtype} {self.image}px b{self.batch}{chunk}"
+
+    @property
+    def pytorch_case(self) -> "Case":
+        """What PyTorch runs for this case: the same, without the JAX-only settings."""
+        return dataclasses.replace(self, query_chunk=0)
 
     @property
     def latent(self) -> int:
@@ -49,26 +61,32 @@ class Case:
 
 def default_cases(reps: int = 3) -> list[Case]:
     """What fits the time budget of a 2-core CPU beside the compile-only part: 256 px forward in both dtypes and
-    at batch 2, 512 px forward, 256 px float32 train. No bfloat16 train: on a CPU without bf16 arithmetic,
-    PyTorch's autocast train step at 256 px takes minutes (`--full` has it)."""
+    at batch 2, 512 px forward with and without JAX's query chunks, 256 px float32 train. No bfloat16 train: on a
+    CPU without bf16 arithmetic, PyTorch's autocast train step at 256 px takes minutes (`--full` has it)."""
     return [
         Case(256, 1, "forward", "float32", reps),
         Case(256, 2, "forward", "float32", reps),
         Case(256, 1, "forward", "bfloat16", reps),
         Case(512, 1, "forward", "float32", max(1, reps - 1)),
+        Case(512, 1, "forward", "float32", max(1, reps - 1), query_chunk=QUERY_CHUNK),
         Case(256, 1, "train", "float32", reps),
     ]
 
 
 def full_cases(reps: int = 3) -> list[Case]:
-    """The issue's whole grid: 512/256 px x batch 1/2 x forward/train x float32/bfloat16."""
-    return [Case(image, batch, mode, dtype, reps) for mode, dtype, image, batch in
+    """The issue's whole grid: 512/256 px x batch 1/2 x forward/train x float32/bfloat16, and the 512 px float32
+    cases again with JAX's query chunks."""
+    grid = [Case(image, batch, mode, dtype, reps) for mode, dtype, image, batch in
             itertools.product(("forward", "train"), ("float32", "bfloat16"), (512, 256), (1, 2))]
+    return grid + [dataclasses.replace(c, query_chunk=QUERY_CHUNK) for c in grid
+                   if c.image == 512 and c.dtype == "float32"]
 
 
 def tiny_cases() -> list[Case]:
-    """For the harness test: a 64 px input through TINY_UNET, every mode and dtype once."""
-    return [Case(64, 1, mode, dtype, reps=1) for mode in ("forward", "train") for dtype in ("float32", "bfloat16")]
+    """For the harness test: a 64 px input through TINY_UNET, every mode and dtype once, and the float32 forward
+    with JAX's query chunks (16 of the 8x8 latent's 64 queries)."""
+    return [Case(64, 1, mode, dtype, reps=1) for mode in ("forward", "train") for dtype in ("float32", "bfloat16")] + [
+        Case(64, 1, "forward", "float32", reps=1, query_chunk=16)]
 
 
 def ordered(cases: list[Case]) -> list[Case]:

@@ -24,6 +24,9 @@ def variant(mesh: dict | None = None, dtype: str = "float32", remat: str | None 
                 attention_query_chunk=attention_query_chunk)
 
 
+VARIANT_FIELDS = ("mesh", "dtype", "remat", "nonfinite_check", "attention_query_chunk")
+
+
 def step_key(arch: str, image: int, how: dict, global_batch: int) -> dict:
     """One compiled train step (`how`: a `variant`): what `bench.compiled.compile_train_step` builds and the
     results are looked up by."""
@@ -34,19 +37,47 @@ def _cost_keys(cost: dict) -> list[dict]:
     return [step_key(cost["arch"], cost["image"], variant(remat=remat), cost["batch"]) for remat in cost["train_remats"]]
 
 
+def _per_device_batches(memory: dict, how: dict) -> list[int]:
+    """The per-device batches a memory variant is compiled at: `per_device_batches`, or on a mesh
+    `mesh_per_device_batches` where the spec gives it (one batch: the per-example slope is then the 1-device
+    twin's, `_one_device_twin`)."""
+    return memory.get("mesh_per_device_batches", memory["per_device_batches"]) if how["mesh"] else \
+        memory["per_device_batches"]
+
+
+def _variant_of(row: dict) -> dict:
+    return variant(**{k: row[k] for k in VARIANT_FIELDS})
+
+
+def _one_device_twin(how: dict) -> dict:
+    """The same variant on one device."""
+    return variant(**dict(how, mesh={}))
+
+
 def _memory_keys(memory: dict, how: dict) -> list[dict]:
     devices = devices_of(how["mesh"])
     return [step_key(memory["arch"], memory["image"], how, per_device * devices)
-            for per_device in memory["per_device_batches"]]
+            for per_device in _per_device_batches(memory, how)]
+
+
+def _check_memory_spec(memory: dict) -> None:
+    """A variant compiled at one batch needs its 1-device twin among the variants (for the slope)."""
+    variants = [variant(**how) for how in memory["variants"]]
+    for how in variants:
+        if len(_per_device_batches(memory, how)) < 2 and _one_device_twin(how) not in variants:
+            raise ValueError(f"memory variant {how} is compiled at one per-device batch only; its per-example "
+                             f"slope needs the variant {_one_device_twin(how)} in the spec's variants")
 
 
 def jobs(spec: dict) -> list[dict]:
     """The worker specs of a compiled-part spec (plan.Plan.compiled): the forward programs first, then one job per
     distinct train step, the cost section's and the memory section's shared."""
+    if "memory" in spec:
+        _check_memory_spec(spec["memory"])
     out = [dict(job="programs", cost=spec["cost"])] if "cost" in spec else []
     keys = _cost_keys(spec["cost"]) if "cost" in spec else []
-    for variant in spec.get("memory", {}).get("variants", []):
-        keys += _memory_keys(spec["memory"], variant)
+    for how in spec.get("memory", {}).get("variants", []):
+        keys += _memory_keys(spec["memory"], how)
     unique = [key for i, key in enumerate(keys) if key not in keys[:i]]
     return out + [dict(job="train_step", key=key) for key in unique]
 
@@ -64,12 +95,17 @@ def per_device_bytes(memory: dict) -> int:
             - memory["alias_size_in_bytes"])
 
 
-def fit_batches(points: list[tuple[int, int]], capacities_gib: list[float]) -> dict:
-    """Least-squares line bytes = fixed + per_example * batch through (per-device batch, bytes) points, and the
-    largest integer per-device batch whose predicted bytes fit each capacity (0 if even the state does not)."""
+def fit_batches(points: list[tuple[int, int]], capacities_gib: list[float], per_example: float | None = None
+                ) -> dict:
+    """Least-squares line bytes = fixed + per_example * batch through (per-device batch, bytes) points (or, with
+    `per_example` given, the line of that slope through them), and the largest integer per-device batch whose
+    predicted bytes fit each capacity (0 if even the state does not)."""
     b = np.array([p[0] for p in points], float)
     y = np.array([p[1] for p in points], float)
-    per_example, fixed = np.polyfit(b, y, 1)
+    if per_example is None:
+        per_example, fixed = np.polyfit(b, y, 1)
+    else:
+        fixed = float(np.mean(y - per_example * b))
     residual = float(np.max(np.abs(fixed + per_example * b - y))) if len(points) > 2 else 0.0
     fits = {f"{cap:g}": max(0, int(np.floor((cap * GIB - fixed) / per_example))) if per_example > 0 else None
             for cap in capacities_gib}
@@ -114,22 +150,27 @@ def _cost(spec: dict, programs: dict, steps: list[dict]) -> dict:
 
 def _memory(spec: dict, steps: list[dict]) -> dict:
     rows = []
-    for variant in spec["variants"]:
+    for how in spec["variants"]:
         points = []
-        for per_device, key in zip(spec["per_device_batches"], _memory_keys(spec, variant)):
+        for per_device, key in zip(_per_device_batches(spec, how), _memory_keys(spec, how)):
             step = _lookup(steps, key)
             memory = step["xla_memory"]
             points.append(dict(per_device_batch=per_device, global_batch=key["global_batch"],
                                compile_s=step["compile_s"], per_device_bytes=per_device_bytes(memory), **memory))
-        fit = fit_batches([(p["per_device_batch"], p["per_device_bytes"]) for p in points], spec["capacities_gib"])
-        rows.append(dict(variant, devices=devices_of(variant["mesh"]), points=points, **fit))
+        rows.append(dict(how, devices=devices_of(how["mesh"]), points=points))
+    # Fitted rows first: the rows of one batch take their slope from their 1-device twin.
+    for row in sorted(rows, key=lambda r: len(r["points"]) < 2):
+        xy = [(p["per_device_batch"], p["per_device_bytes"]) for p in row["points"]]
+        twin = None if len(xy) > 1 else next(r for r in rows if _variant_of(r) == _one_device_twin(_variant_of(row)))
+        row.update(fit_batches(xy, spec["capacities_gib"], twin and twin["per_example_bytes"]),
+                   per_example_from="1 device" if twin else "fit")
     return dict(arch=spec["arch"], image=spec["image"], capacities_gib=spec["capacities_gib"], rows=rows)
 
 
 def _section_keys(spec: dict, section: str) -> list[dict]:
     if section == "cost":
         return _cost_keys(spec["cost"])
-    return [key for variant in spec["memory"]["variants"] for key in _memory_keys(spec["memory"], variant)]
+    return [key for how in spec["memory"]["variants"] for key in _memory_keys(spec["memory"], how)]
 
 
 def assemble(spec: dict, results: list[dict]) -> dict:

@@ -2,10 +2,13 @@
 
   default  SD1.5-size: cases.default_cases() for the backbone, the compile-only cost of the 512 px programs and
            the memory of the VPD-seg train step (_one_factor_variants), the input pipelines on 48 full-size
-           images. 35 minutes on 2 cores (measured: backbone 9 min, compile-only 25, input 0.4). The issue's ~20
-           minutes does not hold: each of the sixteen train steps of the memory table takes XLA:CPU 2.5-6
-           minutes to compile, on one thread (mostly code generation for its ~11,000 kernels); two at a time.
-  full     the same with cases.full_cases() and every remat x dtype x mesh combination
+           images. Each train step of the memory table takes XLA:CPU 2-4 minutes to compile on one thread (mostly
+           code generation for its ~11,000 kernels), two at a time; so the meshes are compiled at per-device
+           batch 1 only and take their per-example slope from the 1-device row (the per-device activations do
+           not depend on how the parameters are sharded: the 2026-12-02 run, which compiled every mesh at two
+           batches, found 6.85 GiB per example on 1 device, on fsdp=8 and on data=2 x fsdp=4 alike).
+  full     the same with cases.full_cases(), every remat x dtype x mesh x query chunk combination at two batches
+           and the 'updates' non-finite check
   quick    the tiny UNet (cases.tiny_cases(), 64 px), the compiled cost of the forward programs, a few input
            batches: checks the harness end to end in minutes (tests/test_bench.py). No VPD-seg train step is
            compiled (no memory section): at tiny size it still takes XLA:CPU 1.5-3 minutes per compile. JAX
@@ -24,8 +27,9 @@ from bench.worker import FAST_COMPILE_XLA_FLAGS
 
 CAPACITIES_GIB = (16.0, 80.0)  # TPU v5e, H100
 PER_BLOCK_REMAT = "nothing_saveable"
-QUERY_CHUNK = 1024  # model.attention_query_chunk of the memory table: a quarter of the 64x64 latent's queries.
-# (Not in the cost section: XLA's cost analysis counts the body of the chunks' scan once.)
+# The memory table's model.attention_query_chunk is the backbone cases' (cases.QUERY_CHUNK). It is not in the
+# cost section: XLA's cost analysis counts the body of the chunks' scan once.
+QUERY_CHUNK = cases_lib.QUERY_CHUNK
 ONE_DEVICE, FSDP8, DATA2_FSDP4 = {}, {"fsdp": 8}, {"data": 2, "fsdp": 4}
 
 
@@ -41,11 +45,9 @@ class Plan:
 
 
 def _one_factor_variants() -> list[dict]:
-    """From 1 device / fp32 / no remat / the configs' defaults, one factor changed at a time (the last: the two
-    memory savers together)."""
+    """From 1 device / fp32 / no remat / the configs' defaults, one factor changed at a time."""
     return [variant(), variant(remat=PER_BLOCK_REMAT), variant(dtype="bfloat16"),
-            variant(nonfinite_check="updates"), variant(attention_query_chunk=QUERY_CHUNK),
-            variant(remat=PER_BLOCK_REMAT, attention_query_chunk=QUERY_CHUNK), variant(FSDP8), variant(DATA2_FSDP4)]
+            variant(attention_query_chunk=QUERY_CHUNK), variant(FSDP8), variant(DATA2_FSDP4)]
 
 
 def _all_variants() -> list[dict]:
@@ -54,11 +56,14 @@ def _all_variants() -> list[dict]:
                               (0, QUERY_CHUNK))] + [variant(nonfinite_check="updates")]
 
 
-def _compiled(arch: str, image: int, train_remats: list, variants: list[dict]) -> dict:
+def _compiled(arch: str, image: int, train_remats: list, variants: list[dict],
+              mesh_per_device_batches: list[int] | None = None) -> dict:
     spec: dict = dict(cost=dict(arch=arch, image=image, batch=1, train_remats=train_remats))
     if variants:
         spec["memory"] = dict(arch=arch, image=image, variants=variants, per_device_batches=[1, 2],
                               capacities_gib=list(CAPACITIES_GIB))
+        if mesh_per_device_batches:
+            spec["memory"]["mesh_per_device_batches"] = mesh_per_device_batches
     return spec
 
 
@@ -70,7 +75,7 @@ def make_plan(mode: str) -> Plan:
     sd15 = dict(unet=cases_lib.SD15_UNET, jax_xla_flags="", input=dict(images=48, batches=12, batch_size=8))
     if mode == "default":
         return Plan(mode, cases=cases_lib.default_cases(),
-                    compiled=_compiled("sd15", 512, [None, PER_BLOCK_REMAT], _one_factor_variants()), **sd15)
+                    compiled=_compiled("sd15", 512, [None, PER_BLOCK_REMAT], _one_factor_variants(), [1]), **sd15)
     if mode == "full":
         return Plan(mode, cases=cases_lib.full_cases(),
                     compiled=_compiled("sd15", 512, [None, PER_BLOCK_REMAT], _all_variants()), **sd15)

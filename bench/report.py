@@ -18,7 +18,9 @@ forward hooks for the taps and an attention processor recording the maps at VPD'
 keeps diffusers' default `scaled_dot_product_attention`). *forward*: the four features without gradient;
 *train*: loss = sum of mean(feature^2), gradient for every UNet parameter, one AdamW update (lr 1e-5, weight
 decay 0.01). bfloat16 means bf16 compute with fp32 parameters and optimizer state (JAX: the model's `dtype`;
-PyTorch: `torch.autocast`).
+PyTorch: `torch.autocast`). *JAX query chunk N*: the same case with the UNet's `attention_query_chunk` = N
+(attention layers that record no map attend N queries at a time, the same values; the configs' default is all
+at once, as the references); PyTorch has no such setting, so its numbers there are those of the case without it.
 
 Fairness: the same shapes, dtype and random weights (generated from each parameter's PyTorch name, so both hold
 identical values, bench/weights.py) and the same parameters (the output head exists on neither side). Each case
@@ -41,9 +43,9 @@ as train.py jits it: sharded, state donated): arguments + temporaries + outputs 
 argument, on XLA:CPU with 8 fake devices for the meshes and its concurrency-optimised scheduler off (that
 scheduler buys parallelism on a CPU with a quarter more peak memory; TPU and GPU schedule differently, so a
 TPU/GPU buffer assignment differs somewhat). The largest per-device batch comes from the straight line through
-the compiled sizes at two batches, so it is an estimate: where the peak moves between the two (from the optimizer
-update at batch 1 to the activations at batch 2, as with the 'updates' check) the slope is too low and the batch
-too high. bfloat16 comes out above float32 on XLA:CPU: it adds bf16 copies of the weights, and the per-example
+the compiled sizes at two batches (rows marked * take the slope of their 1-device row), so it is an estimate:
+where the peak moves between the two (from the optimizer update at batch 1 to the activations at batch 2, as
+with the 'updates' check) the slope is too low and the batch too high. bfloat16 comes out above float32 on XLA:CPU: it adds bf16 copies of the weights, and the per-example
 activations do not shrink; that row describes XLA:CPU only, not bf16 on a TPU or GPU. *query chunk* is
 `model.attention_query_chunk` (queries per attention chunk, none = all at once); *non-finite check* is
 `config.nonfinite_check` ('gradients', the default, or 'updates', which also checks the update itself, so that
@@ -150,20 +152,26 @@ def _compiled(part: dict, machine_now: str) -> list[str]:
         out += ["", f"Memory failed: {memory['error']}"]
     else:
         caps = [f"{c:g}" for c in memory["capacities_gib"]]
-        batches = [p["per_device_batch"] for p in memory["rows"][0]["points"]] if memory["rows"] else []
+        batches = sorted({p["per_device_batch"] for r in memory["rows"] for p in r["points"]})
         out += ["", f"### Per-device memory of the VPD-seg train step ({memory['arch']}, {memory['image']}x"
                 f"{memory['image']} crops; GiB)", ""]
-        rows = []
+        rows, borrowed = [], False
         for r in memory["rows"]:
             mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items()) or "1 device"
+            at = {p["per_device_batch"]: p["per_device_bytes"] for p in r["points"]}
+            star = "*" if r.get("per_example_from") == "1 device" else ""
+            borrowed |= bool(star)
             rows.append([mesh, r["dtype"], r["remat"] or "none", r["attention_query_chunk"] or "none",
-                         r["nonfinite_check"],
-                         *(_gib(p["per_device_bytes"]) for p in r["points"]),
+                         r["nonfinite_check"], *(_gib(at.get(b)) for b in batches),
                          _gib(r["points"][0]["argument_size_in_bytes"]), _gib(r["fixed_bytes"]),
-                         _gib(r["per_example_bytes"]), *(r["max_batch"][c] for c in caps)])
+                         _gib(r["per_example_bytes"]) + star, *(r["max_batch"][c] for c in caps)])
         out.append(table(["mesh", "compute", "remat", "query chunk", "non-finite check",
                           *(f"batch {b}" for b in batches), "of which arguments (b1)",
                           "fixed", "per example", *(f"max batch {c} GiB" for c in caps)], rows))
+        if borrowed:
+            out += ["", "\\* compiled at one per-device batch; per example from the 1-device row of the same "
+                    "dtype, remat and query chunk (the per-device activations do not depend on how the parameters "
+                    "are sharded), fixed = the compiled size minus that. `--full` compiles two batches everywhere."]
     return out
 
 

@@ -49,14 +49,19 @@ def _framework_row(result: dict) -> dict:
 
 
 def run_backbone(plan: Plan, device: str, threads: int, torch_skip_reason: str | None) -> dict:
-    rows = []
+    rows, torch_rows = [], {}
     for case in plan.cases:
         spec = backbone_spec(plan, case, device, threads)
         log(f"backbone {case.name}: JAX")
         jax_row = _framework_row(call_worker("jax", dict(spec, xla_flags=plan.jax_xla_flags)))
-        log(f"backbone {case.name}: PyTorch")
-        torch_row = (dict(error=torch_skip_reason) if torch_skip_reason
-                     else _framework_row(call_worker("pytorch", spec)))
+        if torch_skip_reason:
+            torch_row = dict(error=torch_skip_reason)
+        elif case.pytorch_case in torch_rows:  # a JAX-only variant of a case PyTorch has run
+            torch_row = torch_rows[case.pytorch_case]
+        else:
+            log(f"backbone {case.name}: PyTorch")
+            torch_spec = backbone_spec(plan, case.pytorch_case, device, threads)
+            torch_row = torch_rows[case.pytorch_case] = _framework_row(call_worker("pytorch", torch_spec))
         rows.append(dict(name=case.name, case=dataclasses.asdict(case), jax=jax_row, pytorch=torch_row,
                          comparison=cases_lib.compare(case, jax_row, torch_row)))
     return dict(device=device, threads=threads, unet=plan.unet, cases=rows)

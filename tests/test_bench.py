@@ -175,6 +175,33 @@ def test_a_failed_job_fails_only_the_sections_that_need_it():
     assert "programs" in out["cost"]
 
 
+def test_meshes_compiled_at_one_batch_take_the_slope_of_their_one_device_row():
+    spec = dict(COMPILED_SPEC, memory=dict(COMPILED_SPEC["memory"], mesh_per_device_batches=[1]))
+    job_list = jobs(spec)
+    assert [j["key"] for j in job_list[1:] if j["key"]["mesh"]] == [step_key("sd15", 512, variant({"fsdp": 8}), 8)]
+
+    def step(key):  # the mesh's fixed part is 1 GiB smaller than the 1-device row's (3 GiB)
+        result = _fake_step(key)
+        result["xla_memory"]["temp_size_in_bytes"] -= GIB if key["mesh"] else 0
+        return result
+
+    rows = assemble(spec, [_fake_programs()] + [step(j["key"]) for j in job_list[1:]])["memory"]["rows"]
+    mesh = rows[3]
+    assert [p["per_device_bytes"] for p in mesh["points"]] == [4 * GIB]
+    assert mesh["per_example_from"] == "1 device" and rows[0]["per_example_from"] == "fit"
+    assert mesh["per_example_bytes"] == pytest.approx(2 * GIB) and mesh["fixed_bytes"] == pytest.approx(2 * GIB)
+    assert mesh["max_batch"] == {"16": 7, "80": 39}
+    text = report.render(dict(command="python -m bench.run", mode="default", device="cpu", machine=machine.describe(),
+                              parts={"compiled": dict(memory=dict(assemble(spec, [_fake_programs()] + [
+                                  step(j["key"]) for j in job_list[1:]])["memory"]))}))
+    assert "| fsdp=8 | float32 | none | none | gradients | 4.00 | – | 2.00 | 2.00 | 2.00* | 7 | 39 |" in text
+    assert "\\* compiled at one per-device batch" in text
+
+    lonely = dict(spec["memory"], variants=[variant(), variant({"fsdp": 8}, remat="nothing_saveable")])
+    with pytest.raises(ValueError, match="nothing_saveable"):
+        jobs(dict(memory=lonely))
+
+
 def test_report_memory_table():
     """The memory section as the default mode writes it (its train steps are too slow to compile in a test)."""
     points = [dict(per_device_batch=b, per_device_bytes=(3 + 2 * b) * GIB, argument_size_in_bytes=2 * GIB)
