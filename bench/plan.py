@@ -45,9 +45,11 @@ class Plan:
 
 
 def _one_factor_variants() -> list[dict]:
-    """From 1 device / fp32 / no remat / the configs' defaults, one factor changed at a time."""
+    """From 1 device / fp32 / no remat / the configs' defaults, one factor changed at a time (and the two memory
+    savers together)."""
     return [variant(), variant(remat=PER_BLOCK_REMAT), variant(dtype="bfloat16"),
-            variant(attention_query_chunk=QUERY_CHUNK), variant(FSDP8), variant(DATA2_FSDP4)]
+            variant(attention_query_chunk=QUERY_CHUNK),
+            variant(remat=PER_BLOCK_REMAT, attention_query_chunk=QUERY_CHUNK), variant(FSDP8), variant(DATA2_FSDP4)]
 
 
 def _all_variants() -> list[dict]:

@@ -142,7 +142,7 @@ def _attention_backward(scale, causal, return_probs, upcast, residuals, cotangen
     qh, kh, vh, probs, out = residuals
     d_out, d_map = cotangents
     wide = probs.dtype  # float32, or the inputs' dtype if wider
-    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(vh.dtype), d_out.astype(vh.dtype))
+    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs, d_out.astype(wide)).astype(vh.dtype)
     d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, vh, preferred_element_type=wide)
     if return_probs:
         d_probs = d_probs + d_map[:, None].astype(wide) / probs.shape[1]
