@@ -2,11 +2,13 @@
 
   default  SD1.5-size: cases.default_cases() for the backbone, the compile-only cost of the 512 px programs and
            the memory of the VPD-seg train step (_one_factor_variants), the input pipelines on 48 full-size
-           images. Each train step of the memory table takes XLA:CPU 2-4 minutes to compile on one thread (mostly
+           images. Each train step of the memory table takes XLA:CPU 1-4 minutes to compile on one thread (mostly
            code generation for its ~11,000 kernels), two at a time; so the meshes are compiled at per-device
            batch 1 only and take their per-example slope from the 1-device row (the per-device activations do
            not depend on how the parameters are sharded: the 2026-12-02 run, which compiled every mesh at two
            batches, found 6.85 GiB per example on 1 device, on fsdp=8 and on data=2 x fsdp=4 alike).
+           Measured on 2026-12-06: 12.5 minutes on 2 cores (backbone 5.3, compile-only 7, input 0.2); a machine
+           of the same kind took about twice as long per compile and per step on 2026-12-02.
   full     the same with cases.full_cases(), every remat x dtype x mesh x query chunk combination at two batches
            and the 'updates' non-finite check
   quick    the tiny UNet (cases.tiny_cases(), 64 px), the compiled cost of the forward programs, a few input

@@ -15,7 +15,8 @@ their task and paper need. Field meanings:
   model.remat_policy   '' (none) or a name in vpd_jax.models.unet.REMAT_POLICIES
   model.attention_query_chunk  0 (all queries at once, as the references) or N: the UNet's attention layers that
                        record no map attend N queries at a time, each chunk's scores recomputed in the backward
-                       pass; same result, far less memory where no fused attention kernel exists (BENCHMARKS.md)
+                       pass; same result, far less memory where no fused attention kernel exists, and on a CPU
+                       also faster (128: the SD1.5 forward at 512 px in 0.7-0.8x the time; BENCHMARKS.md)
   model.dtype          compute dtype 'float32' | 'bfloat16' (params stay float32; norms, softmax in float32)
   batch_size           global training batch (split evenly over hosts)
   eval_batch_size      global eval batch
@@ -30,7 +31,8 @@ their task and paper need. Field meanings:
   nonfinite_check      what decides that a step is non-finite: 'gradients' (loss, gradient norm and learning rate,
                        before the update, which then happens in place; needs optim.eps > 0) or 'updates' (also the
                        update itself, at the cost of about one more copy of the trainable parameters in memory
-                       at the step's peak, BENCHMARKS.md). The references have no guard at all.
+                       at the step's peak: 3 GiB at SD1.5 size, `python -m bench.run --full`). The references have
+                       no guard at all.
   eval.*               evaluation protocol (spec 2.4, 3.6, 4.4)
 """
 from __future__ import annotations

@@ -168,7 +168,7 @@ class Trainer:
         eps > 0 (build_trainer insists), AdamW's update is finite too. 'updates' also checks the update itself,
         which must then be complete before the old state may be overwritten: new and old moments and parameters
         live side by side (the VPD-seg step at SD1.5 size, batch 1: 3 GiB more, about one copy of the trainable
-        parameters; BENCHMARKS.md).
+        parameters; `python -m bench.run --full` measures it).
         """
         def update(params, opt_state):
             updates, opt_state = self.tx.update(grads, opt_state, params)
