@@ -61,8 +61,10 @@ class Case:
 
 def default_cases(reps: int = 3) -> list[Case]:
     """What fits the time budget of a 2-core CPU beside the compile-only part: 256 px forward in both dtypes and
-    at batch 2, 512 px forward with and without JAX's query chunks, 256 px float32 train. No bfloat16 train: on a
-    CPU without bf16 arithmetic, PyTorch's autocast train step at 256 px takes minutes (`--full` has it)."""
+    at batch 2, 512 px forward with and without JAX's query chunks, float32 train at 256 px and at 512 px (the
+    papers' crop; JAX with query chunks only: without them its process peaks near 22 GB, too close to a 24 GiB
+    machine's RAM). No bfloat16 train: PyTorch's autocast train step at 256 px takes minutes on a CPU (`--full`
+    has it)."""
     return [
         Case(256, 1, "forward", "float32", reps),
         Case(256, 2, "forward", "float32", reps),
@@ -70,6 +72,7 @@ def default_cases(reps: int = 3) -> list[Case]:
         Case(512, 1, "forward", "float32", max(1, reps - 1)),
         Case(512, 1, "forward", "float32", max(1, reps - 1), query_chunk=QUERY_CHUNK),
         Case(256, 1, "train", "float32", reps),
+        Case(512, 1, "train", "float32", max(1, reps - 1), query_chunk=QUERY_CHUNK),
     ]
 
 
