@@ -7,7 +7,7 @@
            batch 1 only and take their per-example slope from the 1-device row (the per-device activations do
            not depend on how the parameters are sharded: the 2026-12-02 run, which compiled every mesh at two
            batches, found 6.85 GiB per example on 1 device, on fsdp=8 and on data=2 x fsdp=4 alike).
-           Measured on 2026-12-06: 12.5 minutes on 2 cores (backbone 5.3, compile-only 7, input 0.2); a machine
+           Measured on 2026-12-06: 16 minutes on 2 cores (backbone 7.7, compile-only 8.4, input 0.2); a machine
            of the same kind took about twice as long per compile and per step on 2026-12-02.
   full     the same with cases.full_cases(), every remat x dtype x mesh x query chunk combination at two batches
            and the 'updates' non-finite check
