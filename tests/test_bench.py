@@ -185,15 +185,15 @@ def test_meshes_compiled_at_one_batch_take_the_slope_of_their_one_device_row():
         result["xla_memory"]["temp_size_in_bytes"] -= GIB if key["mesh"] else 0
         return result
 
-    rows = assemble(spec, [_fake_programs()] + [step(j["key"]) for j in job_list[1:]])["memory"]["rows"]
+    memory = assemble(spec, [_fake_programs()] + [step(j["key"]) for j in job_list[1:]])["memory"]
+    rows = memory["rows"]
     mesh = rows[3]
     assert [p["per_device_bytes"] for p in mesh["points"]] == [4 * GIB]
     assert mesh["per_example_from"] == "1 device" and rows[0]["per_example_from"] == "fit"
     assert mesh["per_example_bytes"] == pytest.approx(2 * GIB) and mesh["fixed_bytes"] == pytest.approx(2 * GIB)
     assert mesh["max_batch"] == {"16": 7, "80": 39}
     text = report.render(dict(command="python -m bench.run", mode="default", device="cpu", machine=machine.describe(),
-                              parts={"compiled": dict(memory=dict(assemble(spec, [_fake_programs()] + [
-                                  step(j["key"]) for j in job_list[1:]])["memory"]))}))
+                              parts={"compiled": dict(memory=memory)}))
     assert "| fsdp=8 | float32 | none | none | gradients | 4.00 | – | 2.00 | 2.00 | 2.00* | 7 | 39 |" in text
     assert "\\* compiled at one per-device batch" in text
 
