@@ -16,7 +16,7 @@ $(STAMP): requirements.txt requirements-test.txt constraints.txt
 
 # Train VPD segmentation and depth from scratch on vpd_shapes (CPU, minutes); results in runs/demo/.
 demo: $(STAMP)
-	$(PY) -m vpd_jax.demo --workdir=runs/demo
+	$(PY) -m vpd_jax.apps.demo --workdir=runs/demo
 
 # The whole suite, as CI runs it.
 test: $(STAMP)

@@ -6,7 +6,7 @@ as in train.py.
 from absl import app, flags
 from ml_collections import config_flags
 
-from vpd_jax import launch  # defines the multi-host flags; imports no JAX
+from vpd_jax.run import launch  # defines the multi-host flags; imports no JAX
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "The run directory (its checkpoints/ are evaluated).")
@@ -18,9 +18,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     launch.initialize_distributed()
-    from vpd_jax import eval_lib
+    from vpd_jax.run import evaluation
 
-    eval_lib.evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.step)
+    evaluation.evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.step)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 
 The config must be the run's (the same file, argument and overrides as for train.py). Zero-shot maps need no run:
 --sd is a diffusers pipeline root (unet/, vae/, text_encoder/, tokenizer/). Outputs are written to --output (see
-vpd_jax/predict_lib.py for the files of each task, vpd_jax/zeroshot.py for the zero-shot defaults).
+vpd_jax/apps/predict.py for the files of each task, vpd_jax/apps/zeroshot.py for the zero-shot defaults).
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -40,17 +40,17 @@ def main(argv):
         raise app.UsageError("--zeroshot needs --sd (a Stable Diffusion folder) and --text")
     if not f.zeroshot and (f.config is None or not f.workdir):
         raise app.UsageError("--config and --workdir are required (or --zeroshot with --sd)")
-    from vpd_jax import predict_lib
+    from vpd_jax.apps import predict
 
-    files = predict_lib.list_images(f.input)
+    files = predict.list_images(f.input)
     if f.zeroshot:
         timesteps = tuple(int(t) for t in f.zeroshot_timesteps) if f.zeroshot_timesteps else None
-        mapper = predict_lib.zeroshot_mapper(f.sd, timesteps=timesteps, num_draws=f.zeroshot_draws,
+        mapper = predict.zeroshot_mapper(f.sd, timesteps=timesteps, num_draws=f.zeroshot_draws,
                                              image_size=f.zeroshot_size)
-        written = predict_lib.predict_zeroshot_files(mapper, files, f.output, f.text)
+        written = predict.predict_zeroshot_files(mapper, files, f.output, f.text)
     else:
-        predictor = predict_lib.Predictor(f.config, f.workdir, f.step)
-        written = predict_lib.predict_files(predictor, files, f.output, text=f.text, scene=f.scene,
+        predictor = predict.Predictor(f.config, f.workdir, f.step)
+        written = predict.predict_files(predictor, files, f.output, text=f.text, scene=f.scene,
                                             names_file=f.classes, threshold=f.threshold)
     print(f"wrote {len(written)} files to {f.output}")
 

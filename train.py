@@ -6,7 +6,7 @@ Multi-host: pass --multihost (jax.distributed.initialize() finds the cluster on 
 from absl import app, flags
 from ml_collections import config_flags
 
-from vpd_jax import launch  # defines the multi-host flags; imports no JAX
+from vpd_jax.run import launch  # defines the multi-host flags; imports no JAX
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and results go here; an existing one is resumed.")
@@ -17,9 +17,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     launch.initialize_distributed()
-    from vpd_jax import train_lib
+    from vpd_jax.run import training
 
-    train_lib.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    training.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

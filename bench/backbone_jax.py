@@ -21,13 +21,13 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from bench import cases as cases_lib
 from bench import machine, timing
 from bench.weights import random_weight
+from vpd_jax.models.compute import DTYPES, Compute
 from vpd_jax.models.unet import UNet2DConditionModel
 from vpd_jax.models.unet_config import UNetConfig
 from vpd_jax.models.vpd import FeatureSpec, assemble_features
 from vpd_jax.weights import convert_state_dict
 from vpd_jax.weights.convert import _torch_layout_shape, torch_key_of
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
                  "generated_code_size_in_bytes")
 
@@ -64,7 +64,8 @@ class Backbone:
 
     def __init__(self, config: UNetConfig, taps: tuple[str, ...], maps: tuple[str, ...], dtype: str,
                  query_chunk: int = 0):
-        self.model = UNet2DConditionModel(config, dtype=DTYPES[dtype], attention_query_chunk=query_chunk)
+        compute = Compute(dtype=DTYPES[dtype], attention_query_chunk=query_chunk)
+        self.model = UNet2DConditionModel(config, compute=compute)
         self.spec = FeatureSpec(tuple(taps), tuple(maps))
 
     def features(self, params, latent, context) -> list[jax.Array]:

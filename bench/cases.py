@@ -25,7 +25,7 @@ TINY_UNET: dict = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, 
                        cross_attention_dim=32, norm_num_groups=8)
 
 CONTEXT_TOKENS = 150  # VPD-seg: the 150 adapted ADE20K class embeddings
-# model.attention_query_chunk of the JAX cases that set one: on XLA:CPU, 128-query chunks of the 64x64 latent's
+# compute.attention_query_chunk of the JAX cases that set one: on XLA:CPU, 128-query chunks of the 64x64 latent's
 # self-attention are the fastest (measured 64-1024 at 512 px) and need a fraction of the memory.
 QUERY_CHUNK = 128
 TIMESTEP = 1  # spec 1.2
@@ -40,7 +40,7 @@ class Case:
     dtype: str  # "float32" | "bfloat16"
     reps: int  # timed repetitions (median reported)
     warmup: int = 1
-    # JAX only: the UNet's model.attention_query_chunk (0: all queries at once, the configs' default). PyTorch
+    # JAX only: the UNet's compute.attention_query_chunk (0: all queries at once, the configs' default). PyTorch
     # runs the same case as without it (its scaled_dot_product_attention is its own); the run reuses that result.
     query_chunk: int = 0
 

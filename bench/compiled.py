@@ -17,19 +17,16 @@ from __future__ import annotations
 import importlib
 import sys
 import time
-import types
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bench import compiled_jobs, flops, machine
 from bench.backbone_jax import memory_analysis
-from vpd_jax import parallel, tasks
 from vpd_jax.models.unet import UNet2DConditionModel
 from vpd_jax.models.vpd import feature_spec
-from vpd_jax.trainer import build_trainer, host_data_config, resolve_architecture
+from vpd_jax.run.setup import setup
 from vpd_jax.weights.convert import abstract_params
 
 CONTEXT_TOKENS = 150
@@ -63,9 +60,9 @@ def seg_config(key: dict):
     config = importlib.import_module("configs.vpd_seg_ade20k").get_config()
     config.model.arch = key["arch"]
     config.model.class_embeddings = "random"
-    config.model.dtype = key["dtype"]
-    config.model.remat_policy = key["remat"] or ""
-    config.model.attention_query_chunk = key["attention_query_chunk"]
+    config.compute.dtype = key["dtype"]
+    config.compute.remat_policy = key["remat"] or ""
+    config.compute.attention_query_chunk = key["attention_query_chunk"]
     config.nonfinite_check = key["nonfinite_check"]
     config.data.aug.crop_size = (key["image"], key["image"])
     mesh = key["mesh"]
@@ -78,31 +75,18 @@ class SegTrainStep:
     given global batch from abstract state."""
 
     def __init__(self, config):
-        sizes = (config.mesh.data, config.mesh.fsdp)
-        self.devices = int(np.prod(sizes))
-        self.mesh = parallel.make_mesh({"data": sizes[0], "fsdp": sizes[1], "tensor": 1},
-                                       jax.devices()[: self.devices])
-        self.task = tasks.make_task(config, resolve_architecture(config))
-        crop = tuple(config.data.aug.crop_size)
-        self.element_spec = {"image": _tensor_spec((None, *crop, 3), np.float32),
-                             "label": _tensor_spec((None, *crop), np.int32)}
-        self.trainer = build_trainer(config, self.task, self.mesh, host_data_config(config, 1),
-                                     types.SimpleNamespace(element_spec=self.element_spec))
+        self.devices = config.mesh.data * config.mesh.fsdp
+        run = setup(config, devices=jax.devices()[: self.devices])
+        self.mesh, self.task, self.trainer = run.mesh, run.task, run.trainer
 
     def compile(self, global_batch: int) -> tuple[object, float]:
         t = self.trainer
-        batch = {k: _sds((global_batch, *s.shape[1:]), s.dtype.as_numpy_dtype, t.batch_sharding)
-                 for k, s in self.element_spec.items()}
+        batch = {k: _sds((global_batch, *v.shape[1:]), v.dtype, t.batch_sharding)
+                 for k, v in self.task.example_batch().items()}
         constants = {k: _sds(v.shape, v.dtype, t.replicated) for k, v in self.task.constants.items()}
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(t.rules):
             return _compile(t.jit_train_step(), t.abstract_state, batch, constants,
                             label=f"train step, {self.devices} device(s), global batch {global_batch}")
-
-
-def _tensor_spec(shape, dtype):
-    """What build_trainer reads of a tf.TensorSpec (shape, dtype.as_numpy_dtype / name), without TensorFlow."""
-    dt = types.SimpleNamespace(as_numpy_dtype=dtype, name=np.dtype(dtype).name, is_numpy_compatible=True)
-    return types.SimpleNamespace(shape=shape, dtype=dt)
 
 
 # --------------------------------------------------------------------------------------- forward programs

@@ -18,8 +18,8 @@ def devices_of(mesh: dict) -> int:
 
 def variant(mesh: dict | None = None, dtype: str = "float32", remat: str | None = None,
             nonfinite_check: str = "gradients", attention_query_chunk: int = 0) -> dict:
-    """How a train step is compiled: the mesh axis sizes ({} = 1 device), compute dtype, model.remat_policy,
-    config.nonfinite_check and model.attention_query_chunk (defaults: the configs' defaults)."""
+    """How a train step is compiled: the mesh axis sizes ({} = 1 device), compute dtype, compute.remat_policy,
+    config.nonfinite_check and compute.attention_query_chunk (defaults: the configs' defaults)."""
     return dict(mesh=dict(sorted((mesh or {}).items())), dtype=dtype, remat=remat, nonfinite_check=nonfinite_check,
                 attention_query_chunk=attention_query_chunk)
 

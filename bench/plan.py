@@ -29,7 +29,7 @@ from bench.worker import FAST_COMPILE_XLA_FLAGS
 
 CAPACITIES_GIB = (16.0, 80.0)  # TPU v5e, H100
 PER_BLOCK_REMAT = "nothing_saveable"
-# The memory table's model.attention_query_chunk is the backbone cases' (cases.QUERY_CHUNK). It is not in the
+# The memory table's compute.attention_query_chunk is the backbone cases' (cases.QUERY_CHUNK). It is not in the
 # cost section: XLA's cost analysis counts the body of the chunks' scan once.
 QUERY_CHUNK = cases_lib.QUERY_CHUNK
 ONE_DEVICE, FSDP8, DATA2_FSDP4 = {}, {"fsdp": 8}, {"data": 2, "fsdp": 4}

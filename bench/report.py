@@ -48,7 +48,7 @@ where the peak moves between the two (from the optimizer update at batch 1 to th
 with the 'updates' check) the slope is too low and the batch too high. bfloat16 comes out above float32 at batch
 1 on XLA:CPU: it adds bf16 copies of the weights, and the per-example activations barely shrink (XLA:CPU
 computes bf16 matmuls in float32); that row describes XLA:CPU only, not bf16 on a TPU or GPU. *query chunk* is
-`model.attention_query_chunk` (queries per attention chunk, none = all at once); *non-finite check* is
+`compute.attention_query_chunk` (queries per attention chunk, none = all at once); *non-finite check* is
 `config.nonfinite_check` ('gradients', the default, or 'updates', which also checks the update itself, so that
 it has to exist beside the old state).
 

@@ -11,16 +11,15 @@ x0.01), wd 0.1; test with two shifted 480 windows + flip, Eigen crop, per-image 
 
   Arguments: (none) the paper run; 'smoke' a tiny scratch run on vpd_shapes.
 """
-from vpd_jax.config_base import base_config
+from configs.common import check_arg, cpu_run, scratch_tiny, shapes_depth
+from vpd_jax.run.config import base_config
 
 ARGS = ("", "smoke")  # every argument get_config accepts ('' = none)
 
 
 def get_config(arg=None):
-    if arg == "smoke":
+    if check_arg(arg, ARGS) == "smoke":
         return smoke_config()
-    if arg:
-        raise ValueError(f"unknown config argument {arg!r}; use one of {ARGS}")
     c = base_config("depth", "nyu_depth_v2_bts")
     c.batch_size = 24
     c.eval_batch_size = 8
@@ -33,17 +32,8 @@ def get_config(arg=None):
 
 def smoke_config():
     c = base_config("depth", "vpd_shapes/small")
-    c.model.arch = "tiny"
-    c.model.class_embeddings = "random"  # the 27 NYU scene classes (vpd_shapes rooms are NYU scene names)
-    c.model.depth_fusion_channels = 64
-    c.model.depth_num_filters = (16, 16, 16)
-    c.model.depth_decoder_channels = 16
-    c.batch_size = 4
-    c.eval_batch_size = 8
-    c.total_steps = 4
+    scratch_tiny(c)  # random embeddings of the 27 NYU scene classes (vpd_shapes rooms are NYU scene names)
+    shapes_depth(c)
+    cpu_run(c, batch_size=4, eval_batch_size=8, total_steps=4, log_every=2, ckpt_every=2)
     c.steps_per_epoch = 2
-    c.log_every = c.ckpt_every = 2
-    c.eval.depth_shift_size = 1  # 64-wide images, one 64-wide window
-    c.eval.depth_crop = ""  # the Eigen crop is defined on 480x640 only
-    c.eval_max_batches = 2
     return c

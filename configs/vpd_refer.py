@@ -12,7 +12,8 @@ Reference run: SD v1.5 with its CLIP text encoder (frozen), 512x512 squashed ima
   The text encoder and tokenizer come from the `init` pipeline root unless config.model.text_encoder /
   config.model.tokenizer name other folders.
 """
-from vpd_jax.config_base import base_config
+from configs.common import check_arg, cpu_run, scratch_tiny
+from vpd_jax.run.config import base_config
 
 # TFDS ref_coco config, token length, training refs (REFER statistics; one sentence drawn per ref per epoch).
 DATASETS = {
@@ -24,11 +25,9 @@ ARGS = ("", *DATASETS, "smoke")  # every argument get_config accepts ('' = refco
 
 
 def get_config(arg=None):
-    arg = arg or "refcoco"
+    arg = check_arg(arg, ARGS) or "refcoco"
     if arg == "smoke":
         return smoke_config()
-    if arg not in DATASETS:
-        raise ValueError(f"unknown config argument {arg!r}; use one of {ARGS}")
     name, length, refs = DATASETS[arg]
     c = base_config("refer", name)
     c.data.text_max_length = length
@@ -42,11 +41,6 @@ def get_config(arg=None):
 
 def smoke_config():
     c = base_config("refer", "vpd_shapes/small")
-    c.model.arch = "tiny"
-    c.model.tokenizer = "hash"
-    c.batch_size = 4
-    c.eval_batch_size = 8
-    c.total_steps = 4
-    c.log_every = c.ckpt_every = 2
-    c.eval_max_batches = 2
+    scratch_tiny(c)
+    cpu_run(c, batch_size=4, eval_batch_size=8, total_steps=4, log_every=2, ckpt_every=2)
     return c

@@ -10,16 +10,15 @@ Reference run: SD v1.5, Semantic FPN, 512x512 crops, global batch 16 (8 GPUs x 2
 
   Arguments: (none) the paper run; 'smoke' a tiny scratch run on vpd_shapes that a CPU finishes in minutes.
 """
-from vpd_jax.config_base import base_config
+from configs.common import check_arg, cpu_run, scratch_tiny, shapes_seg
+from vpd_jax.run.config import base_config
 
 ARGS = ("", "smoke")  # every argument get_config accepts ('' = none)
 
 
 def get_config(arg=None):
-    if arg == "smoke":
+    if check_arg(arg, ARGS) == "smoke":
         return smoke_config()
-    if arg:
-        raise ValueError(f"unknown config argument {arg!r}; use one of {ARGS}")
     c = base_config("seg", "ade20k")
     c.batch_size = 16
     c.eval_batch_size = 8
@@ -30,16 +29,8 @@ def get_config(arg=None):
 
 def smoke_config():
     c = base_config("seg", "vpd_shapes/small")
-    c.model.arch = "tiny"
-    c.model.class_embeddings = "random"
-    c.model.num_classes = 6  # vpd_shapes: wall, floor, sphere, cube, cylinder, cone (after reduce_zero_label)
-    c.model.fpn_channels = 32
-    c.batch_size = 4
-    c.eval_batch_size = 8
-    c.total_steps = 4
+    scratch_tiny(c)
+    shapes_seg(c)
+    cpu_run(c, batch_size=4, eval_batch_size=8, total_steps=4, log_every=2, ckpt_every=2)
     c.optim.schedule.warmup_steps = 2
-    c.log_every = c.ckpt_every = 2
-    c.eval.seg_crop = (64, 64)
-    c.eval.seg_stride = (43, 43)
-    c.eval_max_batches = 2
     return c

@@ -1,4 +1,4 @@
-"""Every config file in configs/ with each of its arguments: builds, holds only fields of config_base, sets the
+"""Every config file in configs/ with each of its arguments: builds, holds only fields of base_config, sets the
 reference hyper-parameters (spec/vpd.md Appendix B), and its model, loss, optimizer and sharded train state are
 consistent (eval_shape: no compute). The paper configs read their architecture from `config.init` (arch 'init');
 here they get the SD v1.5 preset, which has the same shapes, and 'random' class embeddings / the 'hash' tokenizer
@@ -17,13 +17,16 @@ import pytest
 import tensorflow as tf
 from flax.traverse_util import flatten_dict
 
-from vpd_jax import parallel, tasks
-from vpd_jax.config_base import base_config
+from vpd_jax import parallel
 from vpd_jax.models import presets
-from vpd_jax.trainer import build_trainer, host_data_config, resolve_architecture
+from vpd_jax.models.compute import Compute
+from vpd_jax.run.config import base_config
+from vpd_jax.run.setup import resolve_architecture
+from vpd_jax.run.trainer import build_trainer
+from vpd_jax.tasks.registry import make_task
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if not p.endswith("common.py"))
 
 
 def load_module(path: str) -> types.ModuleType:
@@ -99,12 +102,9 @@ def test_every_config_file_declares_its_arguments_and_rejects_others():
 @pytest.mark.parametrize("file,arg", CASES)
 def test_config_builds_with_only_base_fields(file, arg):
     config = get_config(file, arg)
-    if config.task in VPD_TASKS:
-        base = base_config(config.task, config.data.name)
-        assert set(flatten_dict(config.to_dict())) == set(flatten_dict(base.to_dict())), (
-            "a config file may only set fields that config_base defines (and documents)")
-    else:  # another model family (LD-ZNet) replaces the task sections, not the run-level fields
-        assert set(config.keys()) == set(base_config("refer", "vpd_shapes").keys())
+    base = base_config(config.task, config.data.name)
+    assert set(flatten_dict(config.to_dict())) == set(flatten_dict(base.to_dict())), (
+        "a config file may only set fields that base_config (its task's sections) defines and documents")
     module = load_module(os.path.join(CONFIG_DIR, file))
     assert "python train.py --config=configs/" in module.__doc__, "the docstring gives the launch command"
     if runs_on_cpu(file, arg):
@@ -154,13 +154,16 @@ def test_paper_configs_reproduce_the_reference_hyperparameters(file, arg):
 def check_model_and_state(file: str, arg: str, mesh) -> dict:
     """eval_shape of model, loss and train state; the state's shardings on `mesh`. Returns the abstract state."""
     config = runnable_without_files(get_config(file, arg))
-    task = tasks.make_task(config, resolve_architecture(config))
+    task = make_task(config, resolve_architecture(config))
     spec = element_spec(config)
-    trainer = build_trainer(config, task, mesh, host_data_config(config, 1), types.SimpleNamespace(element_spec=spec))
+    trainer = build_trainer(config, task, mesh)
     batch = {k: jax.ShapeDtypeStruct((2, *s.shape[1:]), s.dtype.as_numpy_dtype) for k, s in spec.items()
              if k != "text"}
     if "text" in spec:
         batch["tokens"] = jax.ShapeDtypeStruct((2, config.data.text_max_length), jnp.int32)
+    # The task's example batch (what the state is initialised and the bench compiled from) is a training batch.
+    example = task.example_batch(2)
+    assert {k: (v.shape, v.dtype) for k, v in example.items()} == {k: (s.shape, s.dtype) for k, s in batch.items()}
 
     def loss(state, batch):
         variables = trainer.variables(state)
@@ -240,14 +243,20 @@ def test_sd15_preset_matches_config_init_shapes():
     assert UNetConfig.from_dict(sd15_unet_json) == presets.architecture("sd15").unet
 
 
-def test_compute_kwargs_reach_the_model_and_reject_bad_values():
-    model = base_config("seg", "vpd_shapes/small").model
-    model.update(remat_policy="nothing_saveable", attention_query_chunk=256, dtype="bfloat16")
-    assert tasks.compute_kwargs(model) == dict(remat_policy="nothing_saveable", attention_query_chunk=256,
-                                               dtype=jnp.bfloat16)
-    model.attention_query_chunk = -1
-    with pytest.raises(ValueError, match=r"config\.model\.attention_query_chunk=-1 must be >= 0"):
-        tasks.compute_kwargs(model)
-    model.update(attention_query_chunk=0, dtype="float16")
-    with pytest.raises(ValueError, match=r"config\.model\.dtype='float16'"):
-        tasks.compute_kwargs(model)
+def test_compute_section_reaches_the_model_and_rejects_bad_values():
+    config = base_config("seg", "vpd_shapes/small")
+    config.model.update(arch="tiny", class_embeddings="random")
+    config.compute.update(remat_policy="nothing_saveable", attention_query_chunk=256, dtype="bfloat16",
+                          attention="dot_product", matmul_precision="highest")
+    task = make_task(config, presets.architecture("tiny"))
+    assert task.model.compute == Compute(dtype=jnp.bfloat16, param_dtype=jnp.float32, remat_policy="nothing_saveable",
+                                         attention_query_chunk=256, attention="dot_product",
+                                         matmul_precision="highest")
+    for field, value, error in (("attention_query_chunk", -1, r"config\.compute: attention_query_chunk=-1 must be"),
+                                ("dtype", "float16", r"config\.compute\.dtype='float16'"),
+                                ("remat_policy", "sometimes", r"config\.compute: unknown remat policy 'sometimes'"),
+                                ("attention", "flash", r"config\.compute: unknown attention kernel 'flash'")):
+        section = base_config("seg", "vpd_shapes/small").compute
+        section[field] = value
+        with pytest.raises(ValueError, match=error):
+            Compute.from_config(section)

@@ -125,3 +125,14 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules: Rules = 
 def logical_rules_context(rules: Rules = DEFAULT_RULES):
     """Context under which `nn.with_logical_constraint` on activations resolves to mesh axes."""
     return nn.logical_axis_rules(rules)
+
+
+def device_batch(batch: Mapping[str, Any], sharding: NamedSharding) -> dict:
+    """Per-host numpy batch -> global arrays sharded over the batch axis (strings stay on the host)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()
+            if np.asarray(v).dtype.kind in "biuf"}
+
+
+def place(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array into its shards (each device gets only its slice)."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

@@ -12,7 +12,7 @@ from tests.data import fixtures
 from vpd_jax.data.builders import Ade20k, BadInputError, NyuDepthV2Bts, Phrasecut
 from vpd_jax.data.builders.nyu_depth_v2_bts import read_split_list
 from vpd_jax.data.builders.phrasecut import REFERENCE_EXCLUDED_IMAGE_IDS, polygon_mask
-from vpd_jax.data.nyu_scenes import NYU_SCENE_CLASSES, nyu_scene_class_id
+from vpd_jax.data.class_names import NYU_SCENE_CLASSES, nyu_scene_class_id
 
 SHARED_VPD = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "vpd")
 

@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from tests.data import fixtures
 from vpd_jax.data import shapes
 from vpd_jax.data.builders import VpdShapes
-from vpd_jax.data.nyu_scenes import NYU_SCENE_CLASSES
+from vpd_jax.data.class_names import NYU_SCENE_CLASSES
 
 CONFIG = shapes.ShapesConfig()
 SCENES = [shapes.render_scene((7, i), CONFIG, image_id=i) for i in range(24)]

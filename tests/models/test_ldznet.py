@@ -17,8 +17,9 @@ from tests.models.ldznet_reference import (TINY_TEXT, TINY_UNET, TINY_VAE, LDBas
                                            port_pool, port_spatial_transformer, randomize, rel_err)
 from vpd_jax.models.attention import AttentionPool2d
 from vpd_jax.models.clip_text import CLIPTextModel
-from vpd_jax.models.ldznet import (LDZNet, NoiseSchedule, UpsampleHead, count_params, draw_timesteps,
-                                   frozen_unet_modules, injection_sites, is_new_parameter, params_from_sd)
+from vpd_jax.models.diffusion import NoiseSchedule, draw_timesteps
+from vpd_jax.models.ldznet import (LDZNet, UpsampleHead, count_params, frozen_unet_modules, injection_sites,
+                                   is_new_parameter, params_from_sd)
 from vpd_jax.models.presets import architecture
 from vpd_jax.models.transformer import BasicTransformerBlock, Transformer2DModel
 from vpd_jax.models.unet import UNet2DConditionModel

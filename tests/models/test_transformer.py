@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vpd_jax import parallel
+from vpd_jax.models.compute import Compute
 from vpd_jax.models.transformer import Transformer2DModel
 
 
@@ -48,7 +49,7 @@ def test_query_chunks_on_the_mesh_give_the_unsharded_output():
     params = nn.meta.unbox(model.init(jax.random.key(0), x, context))
     expected = np.asarray(jax.jit(lambda v, x, c: model.apply(v, x, c)[0])(params, x, context))
 
-    chunked = model.clone(attention_query_chunk=24)
+    chunked = model.clone(compute=Compute(attention_query_chunk=24))
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
     shardings = parallel.logical_to_shardings(chunked.init(jax.random.key(0), x, context), mesh)
     batch = NamedSharding(mesh, P(("data", "fsdp")))

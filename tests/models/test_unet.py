@@ -7,6 +7,7 @@ import pytest
 
 from tests.models.unet_reference import TINY_CONFIGS, make_tiny_unet, rel_err, run_with_taps
 from vpd_jax import parallel
+from vpd_jax.models.compute import Compute
 from vpd_jax.models.unet import UNet2DConditionModel
 from vpd_jax.models.unet_config import UNetConfig
 from vpd_jax.weights import load_unet
@@ -133,7 +134,7 @@ def test_xla_drops_the_unused_tail_under_jit(tiny):
 
 def test_remat_gives_the_same_values_and_gradients(tiny):
     unet, params, args = tiny
-    remat_unet = unet.clone(remat_policy="nothing_saveable")
+    remat_unet = unet.clone(compute=Compute(remat_policy="nothing_saveable"))
 
     def loss(model, p):
         out = model.apply({"params": p}, *args, taps=("up_blocks.1.attentions.1",))
@@ -145,12 +146,12 @@ def test_remat_gives_the_same_values_and_gradients(tiny):
     for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
         assert rel_err(g_r, g) <= 1e-5
     with pytest.raises(ValueError, match="unknown remat policy"):
-        unet.clone(remat_policy="sometimes").apply({"params": params}, *args)
+        unet.clone(compute=Compute(remat_policy="sometimes")).apply({"params": params}, *args)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_stays_close(tiny):
     unet, params, args = tiny
-    bf16 = unet.clone(dtype=jnp.bfloat16)
+    bf16 = unet.clone(compute=Compute(dtype=jnp.bfloat16))
     boxed = jax.eval_shape(bf16.init, jax.random.key(0), *bf16.dummy_inputs())["params"]
     assert {leaf.value.dtype for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))} \
         == {jnp.dtype(jnp.float32)}
@@ -203,7 +204,7 @@ def test_attention_query_chunks_give_the_same_values_and_gradients(tiny, chunk, 
     """The tiny UNet at 16x16 has 256 queries in its first attention layers: 4 chunks of 64, or 3 of 96 with
     the last one padded; maps recorded at some layers (those stay unchunked)."""
     unet, params, args = tiny
-    chunked = unet.clone(attention_query_chunk=chunk, remat_policy=remat)
+    chunked = unet.clone(compute=Compute(attention_query_chunk=chunk, remat_policy=remat))
     _, maps = unet.config.module_names()
     tap = "up_blocks.1.attentions.1"
 
@@ -219,3 +220,26 @@ def test_attention_query_chunks_give_the_same_values_and_gradients(tiny, chunk, 
         for key in path:
             g_c = g_c[key.key]
         assert rel_err(g_c, g) <= 1e-5, jax.tree_util.keystr(path)
+
+
+def test_the_attention_kernel_switch_reaches_every_layer_that_records_no_map(tiny, monkeypatch):
+    """compute.attention='dot_product': the layers without a recorded map call jax.nn.dot_product_attention (the
+    'xla' core never does), the one with a map keeps the core; the values stay those of the core."""
+    from vpd_jax.models import attention
+
+    unet, params, args = tiny
+    calls = []
+    original = jax.nn.dot_product_attention
+    monkeypatch.setattr(attention.jax.nn, "dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    _, maps = unet.config.module_names()
+    attention_layers = sum(1 for name in maps if name.endswith(("attn1", "attn2")))
+
+    def run(model):
+        calls.clear()
+        out = jax.jit(lambda p: model.apply({"params": p}, *args, attn_maps=tuple(maps[:1])))(params)
+        return out.sample, len(calls)
+
+    core, core_calls = run(unet)
+    switched, switched_calls = run(unet.clone(compute=Compute(attention="dot_product")))
+    assert core_calls == 0 and switched_calls == attention_layers - 1
+    assert rel_err(np.asarray(switched), np.asarray(core)) < 1e-5

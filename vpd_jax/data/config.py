@@ -12,7 +12,8 @@ from typing import Any
 
 import ml_collections
 
-TASKS = ("seg", "depth", "refer", "phrasecut")
+# The input pipelines (`data.task`); each task of vpd_jax.tasks names the one its batches come from.
+PIPELINES = ("seg", "depth", "refer", "phrasecut")
 
 # Dataset-specific defaults. vpd_shapes images are small, so its transforms work at matching sizes
 # (crops and resizes scaled down from the references' 512 / 480 / 384).
@@ -36,10 +37,10 @@ def family(name: str) -> str:
 
 
 def data_config(task: str, name: str, **overrides) -> ml_collections.ConfigDict:
-    """All fields of a data section for `task` on the TFDS dataset `name`, with its defaults.
+    """All fields of a data section for the pipeline `task` on the TFDS dataset `name`, with its defaults.
 
     Fields:
-      task, name            task and TFDS name (with builder config, e.g. 'vpd_shapes/small')
+      task, name            the pipeline (one of PIPELINES) and TFDS name (with builder config, e.g. 'vpd_shapes/small')
       data_dir              TFDS data_dir (None: TFDS' default)
       manual_dir            where the downloaded files are, for `prepare`
       on_bad_input          'raise' or 'skip' (our builders; see builders/common.py)
@@ -54,8 +55,8 @@ def data_config(task: str, name: str, **overrides) -> ml_collections.ConfigDict:
       seg_eval_pad_multiple segmentation eval: padded sizes are multiples of this (pipelines.py explains)
       aug                   the task's transform config (transforms.py)
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+    if task not in PIPELINES:
+        raise ValueError(f"unknown data pipeline {task!r}; pipelines are {PIPELINES}")
     defaults = dict(_DEFAULTS.get((task, family(name)), {}))
     if name.startswith("ref_coco/refcocog"):
         defaults["text_max_length"] = 77  # RefCOCOg sentences are longer (spec/vpd.md 1.5)

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from vpd_jax.data.nyu_scenes import nyu_scene_class_id
+from vpd_jax.data.class_names import nyu_scene_class_id
 
 # Raw semantic ids, ADE-style: 0 is "other" (never drawn; reduce_zero_label maps it to ignore), 1.. are classes.
 SEMANTIC_CLASSES: tuple[str, ...] = ("other", "wall", "floor", "sphere", "cube", "cylinder", "cone")

@@ -1,13 +1,11 @@
 """Multi-head attention: one functional core, the diffusers-named `Attention` layer and LD-ZNet's `AttentionPool2d`.
 
 The core computes attention heads-first, (B, heads, L, D), with an explicit backward pass (`_attention`, a
-custom VJP: dS = P * (dP - rowsum(dO * O))). Values and gradients are those of the textbook formula. Measured in
-the SD1.5 backbone on XLA:CPU against the core it replaced (2026-12-06): all queries at once it is as fast as
-`jax.nn.dot_product_attention`'s XLA path, but keeps less for the backward pass (the VPD-seg train step at 512 px
-needs 0.4 GiB less, its bfloat16 variant 0.9 GiB less per example), and in query chunks it is the faster of the
-two (the 512 px forward 3.8 s against 4.8 s). The head-averaged softmax probabilities are returned when asked
-for (the cross-attention maps), softmax in float32 always. `implementation='cudnn'` (or 'xla') hands the layers
-that return no probabilities to `jax.nn.dot_product_attention` instead (cuDNN flash attention on a GPU, which
+custom VJP: dS = P * (dP - rowsum(dO * O))). Values and gradients are those of the textbook formula; the
+backward pass keeps one (B, heads, Lq, Lk) array where autodiff of the softmax keeps more (BENCHMARKS.md has
+what that saves in the train step). The head-averaged softmax probabilities are returned when asked for (the
+cross-attention maps), softmax in float32 always. `implementation='dot_product'` or `'cudnn'` hands the layers
+that return no probabilities to `jax.nn.dot_product_attention` instead (with 'cudnn', its fused GPU kernel, which
 never materialises the scores).
 
 Otherwise the scores are materialised, (B, heads, Lq, Lk) float32 per layer, kept for the backward pass: at SD's
@@ -23,10 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vpd_jax.models.compute import Compute
 from vpd_jax.models.layers import Dense
 from vpd_jax.models.resize import bicubic
 
 Dtype = Any
+# multi_head_attention's implementation -> jax.nn.dot_product_attention's (None: JAX chooses).
+_DOT_PRODUCT_IMPLEMENTATIONS = {"dot_product": None, "cudnn": "cudnn"}
 
 
 def multi_head_attention(
@@ -39,7 +40,7 @@ def multi_head_attention(
     causal: bool = False,
     return_probs: bool = False,
     upcast: bool = True,
-    implementation: str | None = None,
+    implementation: str = "xla",
     query_chunk: int = 0,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Scaled dot-product attention over (B, L, heads * head_dim) projections.
@@ -50,8 +51,8 @@ def multi_head_attention(
       causal: mask keys after the query position (CLIP's text encoder).
       return_probs: also return the softmax probabilities averaged over heads, (B, Lq, Lk), float32.
       upcast: compute logits and softmax in float32 (diffusers `upcast_attention`/`upcast_softmax`).
-      implementation: None: our heads-first core (module docstring). 'xla' or 'cudnn': layers that return no
-        probabilities call `jax.nn.dot_product_attention` with that implementation.
+      implementation: 'xla': our heads-first core (module docstring). 'dot_product' (JAX's choice) or 'cudnn':
+        where no probabilities are returned, `jax.nn.dot_product_attention` with that implementation.
       query_chunk: > 0: where no probabilities are returned, attend `query_chunk` queries at a time (module
         docstring); the result equals full attention up to float rounding. 0: all queries at once.
     Returns:
@@ -63,7 +64,10 @@ def multi_head_attention(
     if query_chunk and q_len > query_chunk and causal and not return_probs:
         raise ValueError("query_chunk with causal attention is not supported")
 
-    if implementation is not None and not return_probs:
+    if implementation not in _DOT_PRODUCT_IMPLEMENTATIONS and implementation != "xla":
+        raise ValueError(f"unknown attention implementation {implementation!r}; valid: 'xla', "
+                         f"{', '.join(map(repr, _DOT_PRODUCT_IMPLEMENTATIONS))}")
+    if implementation != "xla" and not return_probs:
         def split(t):  # (B, L, H, D), jax.nn.dot_product_attention's layout
             return t.reshape(*t.shape[:2], num_heads, t.shape[-1] // num_heads)
 
@@ -71,7 +75,7 @@ def multi_head_attention(
 
         def attend(queries):
             return jax.nn.dot_product_attention(queries, kh, vh, scale=scale, is_causal=causal,
-                                                implementation=implementation)
+                                                implementation=_DOT_PRODUCT_IMPLEMENTATIONS[implementation])
 
         return _by_query_chunks(attend, split(q), query_chunk, axis=1).reshape(batch, q_len, -1), None
 
@@ -163,28 +167,28 @@ class Attention(nn.Module):
     """diffusers' `Attention`: to_q / to_k / to_v (bias optional), to_out.0 (with bias).
 
     Self-attention when `context` is None, cross-attention otherwise. Returns (output, head-mean probs or None).
-    `query_chunk`: see `multi_head_attention`.
+    `compute.attention` and `compute.attention_query_chunk` choose how the layer attends when it returns no
+    probabilities (`multi_head_attention`'s `implementation` and `query_chunk`).
     """
 
     num_heads: int
     head_dim: int
     qkv_bias: bool = False
     upcast: bool = False
-    query_chunk: int = 0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    compute: Compute = Compute()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, return_probs: bool = False):
         inner = self.num_heads * self.head_dim
         context = x if context is None else context
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = self.compute.layer_kwargs
         q = Dense(inner, use_bias=self.qkv_bias, axes=("embed", "heads"), name="to_q", **dense)(x)
         k = Dense(inner, use_bias=self.qkv_bias, axes=("embed", "heads"), name="to_k", **dense)(context)
         v = Dense(inner, use_bias=self.qkv_bias, axes=("embed", "heads"), name="to_v", **dense)(context)
         out, probs = multi_head_attention(
-            q, k, v, self.num_heads, return_probs=return_probs, upcast=self.upcast or self.dtype != jnp.float32,
-            query_chunk=self.query_chunk)
+            q, k, v, self.num_heads, return_probs=return_probs,
+            upcast=self.upcast or self.compute.dtype != jnp.float32, implementation=self.compute.attention,
+            query_chunk=self.compute.attention_query_chunk)
         out = Dense(x.shape[-1], axes=("heads", "embed"), name="to_out_0", **dense)(out)
         return out, probs
 

@@ -26,49 +26,20 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vpd_jax.models.clip_text import CLIP_VIT_L14_TEXT, CLIPTextConfig, CLIPTextModel
+from vpd_jax.models.compute import Compute
+from vpd_jax.models.diffusion import LATENT_SCALE, NoiseSchedule, draw_timesteps, q_sample
 from vpd_jax.models.heads.common import ConvTranspose
 from vpd_jax.models.layers import Conv
 from vpd_jax.models.unet import UNet2DConditionModel
-from vpd_jax.models.unet_config import UNetConfig
+from vpd_jax.models.unet_config import OUTPUT_HEAD_PARAMS, UNetConfig
 from vpd_jax.models.vae import SD_VAE, AutoencoderKLEncoder, VAEConfig
 
 Dtype = Any
 
-LATENT_SCALE = 0.18215  # SD v1's VAE scale factor (spec 0)
 TIMESTEP_MODES = ("uniform", "mean")
 NEW_MODULES = ("attn_pool", "attn3", "norm_sd")  # what LD-ZNet adds inside the ZNet UNet (spec 2.4-2.5)
-
-
-# ------------------------------------------------------------------------------------------ diffusion schedule
-
-
-@dataclasses.dataclass(frozen=True)
-class NoiseSchedule:
-    """SD's training schedule: ldm 'linear' = diffusers 'scaled_linear', betas = linspace(sqrt(b0), sqrt(b1), T)^2
-    in float64 (spec 0)."""
-
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-
-    def alphas_cumprod(self) -> np.ndarray:
-        betas = np.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, self.num_train_timesteps,
-                            dtype=np.float64) ** 2
-        return np.cumprod(1.0 - betas)
-
-
-def draw_timesteps(keys: jax.Array, low: int, high: int) -> jax.Array:
-    """One t ~ U{low, ..., high - 1} per key (torch.randint(low, high), spec 2.2: 300..499 for (300, 500))."""
-    return jax.vmap(lambda k: jax.random.randint(k, (), low, high))(keys)
-
-
-def q_sample(schedule: NoiseSchedule, z0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
-    """z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) noise, t (B,) ints (ldm `q_sample`)."""
-    abar = jnp.asarray(schedule.alphas_cumprod(), jnp.float32)[t].reshape(-1, *([1] * (z0.ndim - 1)))
-    return jnp.sqrt(abar) * z0 + jnp.sqrt(1.0 - abar) * noise
 
 
 # ------------------------------------------------------------------------------------------ injection sites
@@ -113,7 +84,7 @@ def frozen_unet_modules(config: UNetConfig, taps: tuple[str, ...]) -> tuple[str,
     everything up to the block holding the last tap. The rest of a pretrained UNet is not loaded."""
     n = len(config.down_block_types)
     order = (["time_embedding", "conv_in"] + [f"down_blocks_{i}" for i in range(n)] + ["mid_block"]
-             + [f"up_blocks_{i}" for i in range(n)] + ["conv_norm_out", "conv_out"])
+             + [f"up_blocks_{i}" for i in range(n)] + list(OUTPUT_HEAD_PARAMS))
 
     def block(name: str) -> str:
         parts = name.split(".")
@@ -206,10 +177,7 @@ class LDZNet(nn.Module):
     sd_timestep_mode: str = "uniform"
     schedule: NoiseSchedule = NoiseSchedule()
     head_init: str = "pytorch"
-    remat_policy: str | None = None
-    attention_query_chunk: int = 0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    compute: Compute = Compute()
 
     @property
     def injection_sites(self) -> tuple[str, ...]:
@@ -246,7 +214,7 @@ class LDZNet(nn.Module):
             raise ValueError(f"sd_timesteps={ts} with mode 'mean' must be timesteps in [0, {t_max})")
 
     def _kw(self) -> dict:
-        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return self.compute.layer_kwargs
 
     def _sd_features(self, z: jax.Array, context: jax.Array, t_keys: jax.Array,
                      noise_keys: jax.Array) -> dict[str, jax.Array]:
@@ -260,8 +228,7 @@ class LDZNet(nn.Module):
             ts = jnp.broadcast_to(jnp.asarray(self.sd_timesteps, jnp.int32)[:, None], (len(self.sd_timesteps), batch))
         count = ts.shape[0]
         z_t = q_sample(self.schedule, jnp.tile(z, (count, 1, 1, 1)), ts.reshape(-1), jnp.tile(noise, (count, 1, 1, 1)))
-        sd_unet = UNet2DConditionModel(self.unet, remat_policy=self.remat_policy,
-                                       attention_query_chunk=self.attention_query_chunk, name="sd_unet", **self._kw())
+        sd_unet = UNet2DConditionModel(self.unet, compute=self.compute, name="sd_unet")
         out = sd_unet(z_t, ts.reshape(-1), jnp.tile(context, (count, 1, 1)), taps=self.injection_sites,
                       output_sample=False)
         # spec 2.2: the extractor runs under no_grad; several timesteps ('mean' mode) are averaged per site.
@@ -286,9 +253,8 @@ class LDZNet(nn.Module):
             CLIPTextModel(self.text, name="text_encoder", **self._kw())(token_ids).last_hidden_state)
 
         pooled_inputs = self._sd_features(z, context, t_keys, noise_keys) if self.inject else None
-        znet = UNet2DConditionModel(dataclasses.replace(self.unet, out_channels=1), remat_policy=self.remat_policy,
-                                    attention_query_chunk=self.attention_query_chunk,
-                                    attn_pools=self.attn_pools() if self.inject else (), name="znet", **self._kw())
+        znet = UNet2DConditionModel(dataclasses.replace(self.unet, out_channels=1), compute=self.compute,
+                                    attn_pools=self.attn_pools() if self.inject else (), name="znet")
         # spec 1.1 / 7.4: ZNet sees the clean latent at t = 0.
         out = znet(z, jnp.zeros((batch,), jnp.int32), context, pooled_inputs=pooled_inputs).sample
         self.sow("intermediates", "znet_sample", out)  # with apply(..., mutable=["intermediates"]), for tests

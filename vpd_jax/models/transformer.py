@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from vpd_jax.models.attention import Attention, AttentionPool2d
+from vpd_jax.models.compute import Compute
 from vpd_jax.models.layers import ACT_TOKENS, Conv, Dense, GroupNorm, LayerNorm, constrain, gelu_exact
 
 Dtype = Any
@@ -72,9 +73,7 @@ class BasicTransformerBlock(nn.Module):
     upcast_attention: bool = False
     maps: frozenset[str] = frozenset()  # subset of {'attn1', 'attn2'}
     extra_cross_attention: bool = False
-    attention_query_chunk: int = 0  # attention.multi_head_attention's query_chunk
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    compute: Compute = Compute()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array,
@@ -82,9 +81,9 @@ class BasicTransformerBlock(nn.Module):
         if self.extra_cross_attention != (extra_context is not None):
             raise ValueError(f"BasicTransformerBlock {self.name}: extra_cross_attention={self.extra_cross_attention} "
                              f"but extra_context is {'missing' if extra_context is None else 'given'}")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.compute.layer_kwargs
         attn = dict(num_heads=self.num_heads, head_dim=self.head_dim, upcast=self.upcast_attention,
-                    query_chunk=self.attention_query_chunk, **kw)
+                    compute=self.compute)
         probs = {}
         # The residual stream is constrained to batch sharding (channels whole) after every step: the usual
         # layout between tensor-parallel layers, and without it jaxlib 0.10.2 miscompiles this block for small
@@ -120,9 +119,7 @@ class Transformer2DModel(nn.Module):
     upcast_attention: bool = False
     record: frozenset[str] = frozenset()
     attn_pool_size: int = 0
-    attention_query_chunk: int = 0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    compute: Compute = Compute()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array,
@@ -130,7 +127,7 @@ class Transformer2DModel(nn.Module):
         if (self.attn_pool_size > 0) != (pooled_input is not None):
             raise ValueError(f"{self.prefix}: attn_pool_size={self.attn_pool_size} but the feature map to pool is "
                              f"{'missing' if pooled_input is None else 'given'}")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.compute.layer_kwargs
         extra_context = None
         if pooled_input is not None:
             extra_context = AttentionPool2d(self.attn_pool_size, self.num_heads, name="attn_pool", **kw)(pooled_input)
@@ -149,7 +146,7 @@ class Transformer2DModel(nn.Module):
             maps = frozenset(m for m in ("attn1", "attn2") if f"{block}.{m}" in self.record)
             y, probs = BasicTransformerBlock(
                 self.num_heads, self.head_dim, self.upcast_attention, maps, extra_context is not None,
-                self.attention_query_chunk, name=f"transformer_blocks_{k}", **kw)(y, context, extra_context)
+                self.compute, name=f"transformer_blocks_{k}")(y, context, extra_context)
             for m, p in probs.items():
                 records[f"{block}.{m}"] = p.reshape(batch, height, width, p.shape[-1])
             if block in self.record:

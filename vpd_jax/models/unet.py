@@ -5,10 +5,10 @@ user would name it for `register_forward_hook` (`up_blocks.1.attentions.1`, `mid
 and head-averaged cross-attention probabilities of the attention layers asked for
 (`up_blocks.2.attentions.0.transformer_blocks.0.attn2`), each as (B, h, w, N_context).
 
-Nothing is computed or kept that was not asked for: attention layers whose maps are not requested use
-`jax.nn.dot_product_attention` (a fused kernel where the platform has one), and with `output_sample=False` the
-forward stops after the block that produces the last requested tap (XLA also drops the unused tail when the
-sample is computed but not used under `jax.jit`).
+Nothing is computed or kept that was not asked for: attention layers whose maps are not requested return no
+probabilities (and run the kernel `compute.attention` names, in query chunks if `compute.attention_query_chunk`
+says so), and with `output_sample=False` the forward stops after the block that produces the last requested tap
+(XLA also drops the unused tail when the sample is computed but not used under `jax.jit`).
 
 LD-ZNet's ZNet (spec/ldznet.md 2.4-2.5) is this UNet built with `attn_pools`: each named transformer gets an
 attention pool and an extra cross-attention (see transformer.py), and the call passes the feature map to pool
@@ -24,21 +24,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from vpd_jax.models.compute import REMAT_POLICIES, Compute
 from vpd_jax.models.layers import ACT_NHWC, Conv, Dense, GroupNorm, constrain
 from vpd_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from vpd_jax.models.transformer import Records, Transformer2DModel
 from vpd_jax.models.unet_config import UNetConfig
 
 Dtype = Any
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing but the block inputs: recompute everything in the backward pass
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
-}
-
 
 @flax.struct.dataclass
 class UNetOutput:
@@ -80,13 +72,11 @@ class _BlockBase(nn.Module):
     block_index: int  # index into the per-block config tuples (down order); the mid block uses the last one
     record: frozenset[str] = frozenset()
     attn_pools: tuple[tuple[str, int], ...] = ()  # (transformer name, pool grid side), see UNet2DConditionModel
-    attention_query_chunk: int = 0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    compute: Compute = Compute()
 
     def _resnet(self, name: str, channels: int, scale: float = 1.0) -> ResnetBlock2D:
         return ResnetBlock2D(channels, self.config.norm_num_groups, self.config.norm_eps, True, scale,
-                             name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+                             name=name, **self.compute.layer_kwargs)
 
     def _transformer(self, j: int, channels: int, layers: int, x: jax.Array, context: jax.Array,
                      pooled_inputs: Mapping[str, jax.Array]) -> tuple[jax.Array, Records]:
@@ -95,8 +85,8 @@ class _BlockBase(nn.Module):
         return Transformer2DModel(
             name, heads, channels // heads, layers, self.config.norm_num_groups,
             self.config.use_linear_projection, self.config.upcast_attention, self.record,
-            dict(self.attn_pools).get(name, 0), self.attention_query_chunk, name=f"attentions_{j}",
-            dtype=self.dtype, param_dtype=self.param_dtype)(x, context, pooled_inputs.get(name))
+            dict(self.attn_pools).get(name, 0), self.compute, name=f"attentions_{j}")(
+                x, context, pooled_inputs.get(name))
 
     def _keep(self, records: Records, name: str, x: jax.Array):
         if name in self.record:
@@ -124,8 +114,8 @@ class DownBlock(_BlockBase):
             x = constrain(x, ACT_NHWC)
             skips.append(x)
         if self.add_downsample:
-            x = Downsample2D(channels, self.config.downsample_padding, name="downsamplers_0", dtype=self.dtype,
-                             param_dtype=self.param_dtype)(x)
+            x = Downsample2D(channels, self.config.downsample_padding, name="downsamplers_0",
+                             **self.compute.layer_kwargs)(x)
             self._keep(records, f"{self.prefix}.downsamplers.0", x)
             skips.append(x)
         self._keep(records, self.prefix, x)
@@ -178,8 +168,7 @@ class UpBlock(_BlockBase):
                 records.update(rec)
             x = constrain(x, ACT_NHWC)
         if self.upsample_size is not None:
-            x = Upsample2D(channels, name="upsamplers_0", dtype=self.dtype, param_dtype=self.param_dtype)(
-                x, self.upsample_size)
+            x = Upsample2D(channels, name="upsamplers_0", **self.compute.layer_kwargs)(x, self.upsample_size)
             self._keep(records, f"{self.prefix}.upsamplers.0", x)
         self._keep(records, self.prefix, x)
         return x, skips, records
@@ -193,8 +182,6 @@ def _block_inputs(pooled_inputs: Mapping[str, jax.Array], prefix: str) -> dict[s
 def _maybe_remat(cls, policy_name: str | None):
     if policy_name is None:
         return cls
-    if policy_name not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {policy_name!r}; valid: None, {', '.join(REMAT_POLICIES)}")
     return nn.remat(cls, policy=REMAT_POLICIES[policy_name])
 
 
@@ -203,20 +190,16 @@ class UNet2DConditionModel(nn.Module):
     output_sample) -> UNetOutput. `taps` and `attn_maps` are static tuples of diffusers module names
     (see `UNetConfig.module_names`); an unknown name raises an error listing the valid ones.
 
-    `remat_policy`: None (no rematerialisation) or a name in REMAT_POLICIES, applied per down/mid/up block.
+    `compute` (vpd_jax.models.compute): dtypes, the remat policy (applied per down/mid/up block), attention query
+    chunks and kernel, matmul precision.
     `attn_pools`: ((transformer name, grid side), ...), e.g. (("mid_block.attentions.0", 6),): those transformers
     get an `attn_pool` with a learned grid of that side and an attn3 in each block (LD-ZNet injection); the call
     must then give `pooled_inputs` = {name: (B, h, w, C) feature map} for exactly these names.
-    `attention_query_chunk`: > 0 attends that many queries at a time wherever no attention map is recorded
-    (attention.multi_head_attention: the same result, a fraction of the score memory); 0: all at once.
     """
 
     config: UNetConfig = UNetConfig()
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat_policy: str | None = None
+    compute: Compute = Compute()
     attn_pools: tuple[tuple[str, int], ...] = ()
-    attention_query_chunk: int = 0
 
     def dummy_inputs(self, batch: int = 1, size: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Example (sample, timesteps, context) for init / eval_shape; the spatial size is the smallest valid one."""
@@ -254,8 +237,9 @@ class UNet2DConditionModel(nn.Module):
         pooled_inputs = dict(pooled_inputs or {})
         self._check_names(taps, attn_maps, pooled_inputs)
         wanted = frozenset(taps) | frozenset(attn_maps)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        block_kw = dict(attn_pools=self.attn_pools, attention_query_chunk=self.attention_query_chunk, **kw)
+        kw = self.compute.layer_kwargs
+        dtype = self.compute.dtype
+        block_kw = dict(attn_pools=self.attn_pools, compute=self.compute)
         records: Records = {}
 
         def done() -> bool:
@@ -268,17 +252,17 @@ class UNet2DConditionModel(nn.Module):
         batch = sample.shape[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
         t_emb = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = TimestepEmbedding(4 * cfg.block_out_channels[0], name="time_embedding", **kw)(t_emb.astype(self.dtype))
-        context = encoder_hidden_states.astype(self.dtype)
+        temb = TimestepEmbedding(4 * cfg.block_out_channels[0], name="time_embedding", **kw)(t_emb.astype(dtype))
+        context = encoder_hidden_states.astype(dtype)
 
         x = Conv(cfg.block_out_channels[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2,
-                 name="conv_in", **kw)(sample.astype(self.dtype))
+                 name="conv_in", **kw)(sample.astype(dtype))
         x = constrain(x, ACT_NHWC)
         if "conv_in" in wanted:
             records["conv_in"] = x
         skips = (x,)
 
-        down_cls = _maybe_remat(DownBlock, self.remat_policy)
+        down_cls = _maybe_remat(DownBlock, self.compute.remat_policy)
         n = len(cfg.down_block_types)
         for i, kind in enumerate(cfg.down_block_types):
             x, block_skips, rec = down_cls(
@@ -290,14 +274,14 @@ class UNet2DConditionModel(nn.Module):
             if done():
                 return result(None)
 
-        x, rec = _maybe_remat(MidBlock, self.remat_policy)("mid_block", cfg, n - 1, wanted, name="mid_block",
+        x, rec = _maybe_remat(MidBlock, self.compute.remat_policy)("mid_block", cfg, n - 1, wanted, name="mid_block",
                                                            **block_kw)(
             x, temb, context, _block_inputs(pooled_inputs, "mid_block."))
         records.update(rec)
         if done():
             return result(None)
 
-        up_cls = _maybe_remat(UpBlock, self.remat_policy)
+        up_cls = _maybe_remat(UpBlock, self.compute.remat_policy)
         for i, kind in enumerate(cfg.up_block_types):
             consumed = cfg.up_layers_per_block[i]
             remaining = skips[:-consumed]

@@ -13,6 +13,10 @@ from typing import Any, Mapping
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
+# The UNet's noise-prediction head after the last up block: tap names, and the ones that hold parameters. A UNet used
+# as a feature extractor (VPD, the probes, LD-ZNet's frozen branch) never runs it.
+OUTPUT_HEAD = ("conv_norm_out", "conv_act", "conv_out")
+OUTPUT_HEAD_PARAMS = ("conv_norm_out", "conv_out")
 
 # Fields that describe the checkpoint but do not change the network.
 _INFORMATIONAL = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size", "_use_default_values"}
@@ -184,7 +188,7 @@ class UNetConfig:
             if i < n - 1:
                 taps.append(f"up_blocks.{i}.upsamplers.0")
             taps.append(f"up_blocks.{i}")
-        taps.extend(["conv_norm_out", "conv_act", "conv_out"])
+        taps.extend(OUTPUT_HEAD)
         return taps, maps
 
 

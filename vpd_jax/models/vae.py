@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vpd_jax.models.attention import Attention
+from vpd_jax.models.compute import Compute
 from vpd_jax.models.layers import ACT_NHWC, Conv, GroupNorm, constrain
 from vpd_jax.models.resnet import Downsample2D, ResnetBlock2D
 
@@ -124,7 +125,7 @@ class VAEMidAttention(nn.Module):
         batch, height, width, channels = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = GroupNorm(self.groups, self.eps, name="group_norm", **kw)(x).reshape(batch, height * width, channels)
-        attention = Attention(num_heads=1, head_dim=channels, qkv_bias=True, upcast=True, **kw)
+        attention = Attention(num_heads=1, head_dim=channels, qkv_bias=True, upcast=True, compute=Compute(**kw))
         nn.share_scope(self, attention)
         h, _ = attention(h)
         out = constrain(x.astype(h.dtype) + h.reshape(x.shape), ACT_NHWC)  # see BasicTransformerBlock

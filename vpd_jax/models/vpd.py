@@ -4,13 +4,13 @@ image in [-1, 1] -> VAE posterior mean (stop_gradient; no 0.18215 scale by defau
 the task's text context -> four decoder states, finest first, with head-averaged cross-attention maps
 concatenated after the features of the same resolution (spec 1.3, 1.4) -> task head.
 
-Parameter tree (what the optimizer rules in `vpd_jax.optim` match on): `vae` (frozen), `unet`, `text_adapter`,
+Parameter tree (what the optimizer rules in `vpd_jax.run.optim` match on): `vae` (frozen), `unet`, `text_adapter`,
 `head`, and for referring segmentation `text_encoder` (frozen CLIP); BatchNorm statistics in `batch_stats`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -18,13 +18,13 @@ import jax.numpy as jnp
 
 from vpd_jax.models import resize
 from vpd_jax.models.clip_text import CLIP_VIT_L14_TEXT, CLIPTextConfig, CLIPTextModel
+from vpd_jax.models.compute import Compute
 from vpd_jax.models.heads import DepthHead, SemanticFPN, SimpleDecoding
 from vpd_jax.models.text_adapter import TextAdapter, depth_context, referring_context, segmentation_context
 from vpd_jax.models.unet import UNet2DConditionModel
 from vpd_jax.models.unet_config import UNetConfig
 from vpd_jax.models.vae import SD_VAE, AutoencoderKLEncoder, VAEConfig
 
-Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,13 +107,10 @@ class _VPDBase(nn.Module):
     attn_max_queries: int | None = None
     stop_grad_attn: bool = True
     gamma_init: float = 1e-4
-    remat_policy: str | None = None
-    attention_query_chunk: int = 0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    compute: Compute = Compute()
 
     def _kw(self) -> dict:
-        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return self.compute.layer_kwargs
 
     def _adapter(self) -> TextAdapter:
         return TextAdapter(self.gamma_init, name="text_adapter", **self._kw())
@@ -126,8 +123,7 @@ class _VPDBase(nn.Module):
         posterior = AutoencoderKLEncoder(self.vae, name="vae", **self._kw())(images)
         latents = jax.lax.stop_gradient(posterior.mean) * self.latent_scale
         spec = feature_spec(self.unet, (height, width), self.use_attn, self.attn_max_queries)
-        unet = UNet2DConditionModel(self.unet, remat_policy=self.remat_policy,
-                                    attention_query_chunk=self.attention_query_chunk, name="unet", **self._kw())
+        unet = UNet2DConditionModel(self.unet, compute=self.compute, name="unet")
         out = unet(latents, jnp.full((images.shape[0],), self.timestep, jnp.int32), context,
                    taps=spec.taps, attn_maps=spec.attn_layers, output_sample=False)
         features = assemble_features(out.taps, out.attn, spec, self.stop_grad_attn)

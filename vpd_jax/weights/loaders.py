@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from vpd_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from vpd_jax.models.compute import Compute
 from vpd_jax.models.tokenizer import load_tokenizer  # noqa: F401  (re-exported by vpd_jax.weights)
 from vpd_jax.models.unet import UNet2DConditionModel, UNetConfig
 from vpd_jax.models.vae import AutoencoderKLEncoder, VAEConfig
@@ -170,9 +171,12 @@ def _load(path, kind: _Kind, config: ConfigArg, on_host: bool, build: Callable[[
 
 def load_unet(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None, on_host: bool = False,
               **module_kwargs):
-    """(UNet2DConditionModel, params) from a diffusers unet folder, a pipeline root or a CompVis SD file."""
+    """(UNet2DConditionModel, params) from a diffusers unet folder, a pipeline root or a CompVis SD file. The
+    module computes in `dtype` with `param_dtype` parameters (its `compute`; module_kwargs may give the whole
+    Compute instead)."""
+    module_kwargs.setdefault("compute", Compute(dtype=dtype, param_dtype=param_dtype))
     return _load(path, _UNET, config, on_host, lambda c: UNet2DConditionModel(
-        config=UNetConfig.from_dict(c), dtype=dtype, param_dtype=param_dtype, **module_kwargs))
+        config=UNetConfig.from_dict(c), **module_kwargs))
 
 
 def load_vae(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None, on_host: bool = False,

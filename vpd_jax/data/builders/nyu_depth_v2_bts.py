@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from vpd_jax.data.builders import common
-from vpd_jax.data.nyu_scenes import NYU_SCENE_CLASSES, nyu_scene_class_id
+from vpd_jax.data.class_names import NYU_SCENE_CLASSES, nyu_scene_class_id
 
 IMAGE_SHAPE = (480, 640)
 _SPLITS = {"train": ("sync", "nyu_train_list.txt"), "test": ("official_splits/test", "nyu_test_list.txt")}

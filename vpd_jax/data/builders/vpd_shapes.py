@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 
 from vpd_jax.data import shapes
 from vpd_jax.data.builders import common
-from vpd_jax.data.nyu_scenes import NYU_SCENE_CLASSES
+from vpd_jax.data.class_names import NYU_SCENE_CLASSES
 
 
 @dataclasses.dataclass

@@ -1,0 +1,104 @@
+"""`make demo`'s entry point on a shortened schedule, and predict.py on images of awkward sizes for each task."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vpd_jax import visualize
+from vpd_jax.apps import predict
+from vpd_jax.data import shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """The demo run exactly as `make demo` starts it, with 3 training steps per task."""
+    workdir = tmp_path_factory.mktemp("demo")
+    done = subprocess.run([sys.executable, "-m", "vpd_jax.apps.demo", f"--workdir={workdir}", "--steps=3",
+                           "--panel_images=2"], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "mIoU" in done.stdout and "rmse" in done.stdout
+    return workdir
+
+
+def test_demo_writes_summary_runs_and_panels(demo_dir):
+    with open(demo_dir / "summary.json") as f:
+        summary = json.load(f)
+    assert set(summary) == {"seg", "depth"}
+    for task, s in summary.items():
+        assert s["steps"] == 3 and np.isfinite(s["trained"]) and np.isfinite(s["untrained"])
+        run = demo_dir / task
+        assert (run / "checkpoints").is_dir() and (run / "eval_3.json").is_file() and (run / "eval_0.json").is_file()
+        assert any(name.startswith("events") for name in os.listdir(run / "tensorboard"))
+        assert os.path.isfile(s["panel"])
+
+    seg = np.asarray(Image.open(summary["seg"]["panel"]).convert("RGB"))
+    for colour in visualize.class_palette(len(shapes.SEMANTIC_CLASSES) - 1):  # the legend shows every class
+        assert np.any(np.all(seg == colour, axis=-1))
+    depth = np.asarray(Image.open(summary["depth"]["panel"]).convert("RGB"))
+    # Two rows of four 64x64 images, upscaled 2x, plus the colour bar: the panel is a real picture.
+    assert depth.shape[0] > 2 * 2 * 64 and depth.shape[1] > 4 * 2 * 64 and depth.std() > 10
+
+
+def _odd_image(tmp_path):
+    scene = shapes.render_scene(7, shapes.ShapesConfig(height=75, width=130))
+    path = tmp_path / "odd.png"
+    Image.fromarray(scene.image).save(path)
+    return str(path), scene.image.shape[:2]
+
+
+@pytest.mark.parametrize("task", ["seg", "depth"])
+def test_predict_writes_outputs_of_the_original_size(demo_dir, tmp_path, task):
+    image_path, size = _odd_image(tmp_path)
+    out = tmp_path / "out"
+    args = [f"--config={REPO}/configs/demo.py:{task}", f"--workdir={demo_dir / task}", f"--input={image_path}",
+            f"--output={out}", f"--config.data.data_dir={demo_dir / 'tfds'}"]
+    if task == "depth":
+        args.append("--scene=bedroom")
+    done = subprocess.run([sys.executable, "predict.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    if task == "seg":
+        labels = np.asarray(Image.open(out / "odd_labels.png"))
+        assert labels.shape == size and labels.max() < 6
+        assert np.asarray(Image.open(out / "odd_overlay.png")).shape[0] == size[0]
+        assert (out / "odd_attention.png").is_file()
+    else:
+        depth = np.asarray(Image.open(out / "odd_depth.png"))
+        assert depth.shape == size and depth.dtype == np.uint16
+        assert 0 < depth.min() and depth.max() <= 10_000  # millimetres, sigmoid * 10 m
+        assert np.asarray(Image.open(out / "odd_depth_color.png")).shape[0] == size[0]
+
+
+def test_predict_refer_on_an_odd_size(tmp_path):
+    """Refer has no demo run: train its smoke config for one step, then predict a mask for a sentence."""
+    run = tmp_path / "refer"
+    common = [f"--config={REPO}/configs/vpd_refer.py:smoke", f"--config.data.data_dir={tmp_path / 'tfds'}"]
+    done = subprocess.run([sys.executable, "train.py", *common, f"--workdir={run}", "--config.total_steps=1",
+                           "--config.ckpt_every=1", "--config.eval_max_batches=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    image_path, size = _odd_image(tmp_path)
+    predictor = predict.Predictor(_refer_smoke_config(tmp_path / 'tfds'), str(run))
+    written = predict.predict_files(predictor, [image_path], str(tmp_path / "out"), text="the red cube")
+    mask = np.asarray(Image.open(tmp_path / "out" / "odd_mask.png"))
+    assert mask.shape == size and set(np.unique(mask)) <= {0, 255}
+    assert len(written) == 2
+    with pytest.raises(ValueError, match="--text"):
+        predict.predict_files(predictor, [image_path], str(tmp_path / "out"))
+
+
+def _refer_smoke_config(data_dir):
+    """What predict.py builds from `--config=configs/vpd_refer.py:smoke --config.data.data_dir=...`."""
+    from tests.test_configs import get_config
+
+    config = get_config("vpd_refer.py", "smoke")
+    config.data.data_dir = str(data_dir)
+    config.lock()
+    return config

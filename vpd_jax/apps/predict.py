@@ -1,0 +1,207 @@
+"""Predictions for image files of any size from a trained run: what predict.py and the demo call.
+
+The run's task makes the predictions (`Task.predict`: each image prepared as the task's evaluation pipeline
+prepares its inputs, every output mapped back to the image's size; EMA weights when the run keeps them); this module
+writes them. Outputs per image `<stem>`, by the kind of output:
+  labels       (seg)    <stem>_labels.png (class ids, palette PNG), <stem>_overlay.png (with a legend)
+  attention    (seg)    <stem>_attention.png (the cross-attention map of each predicted class)
+  depth        (depth)  <stem>_depth.png (16-bit, millimetres), <stem>_depth_color.png (with a colour bar)
+  mask         (refer)  <stem>_mask.png (0 / 255), <stem>_overlay.png
+  probability  (ldznet) <stem>_mask.png (probability > threshold, 0 / 255; default 0.3, the threshold of the
+                        PhraseCut metrics mIoU@0.3 / IoU_FG@0.3, spec/ldznet.md 4.1 and 6.4), <stem>_prob.png (the
+                        probabilities over the image)
+Zero-shot maps (no trained run, a Stable Diffusion folder; vpd_jax/apps/zeroshot.py):
+  <stem>_zeroshot.png (heatmap over the image), <stem>_zeroshot_raw.png (the [0, 1] map as 16-bit, 0..65535)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from vpd_jax import visualize
+from vpd_jax.data import shapes
+from vpd_jax.data.class_names import ADE20K_CLASSES, NYU_SCENE_CLASSES
+from vpd_jax.run.setup import setup
+from vpd_jax.run.start import restore_step
+from vpd_jax.tasks.registry import task_class
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def list_images(inputs: Sequence[str]) -> list[str]:
+    """Image files named directly or found (non-recursively) in the named folders, in sorted order."""
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise FileNotFoundError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            files += found
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such image or folder")
+    return files
+
+
+def read_image(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from err
+
+
+def class_names(num_classes: int, names_file: str | None = None) -> list[str]:
+    """Names for the legend: a file with one name per line, else ADE20K's 150 or vpd_shapes' classes."""
+    if names_file:
+        with open(names_file) as f:
+            names = [line.strip() for line in f if line.strip()]
+        if len(names) != num_classes:
+            raise ValueError(f"{names_file}: {len(names)} class names for a {num_classes}-class model")
+        return names
+    if num_classes == len(ADE20K_CLASSES):
+        return list(ADE20K_CLASSES)
+    if num_classes == len(shapes.SEMANTIC_CLASSES) - 1:
+        return list(shapes.SEMANTIC_CLASSES[1:])
+    return [f"class {i}" for i in range(num_classes)]
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A trained run's model on one device: `predict(image, **inputs)` gives the task's named outputs."""
+
+    config: object
+    workdir: str
+    step: int | None = None
+
+    def __post_init__(self):
+        run = setup(self.config, devices=jax.devices()[:1], mesh_shape={"data": 1})
+        self.task, self.trainer = run.task, run.trainer
+        state, self.step = restore_step(self.trainer, os.path.join(self.workdir, "checkpoints"), self.step)
+        self.variables = self.trainer.variables(state, use_ema=self.config.optim.ema_decay > 0)
+        self.constants = jax.tree.map(jnp.asarray, self.task.constants)
+
+    def predict(self, image: np.ndarray, **inputs) -> dict[str, np.ndarray]:
+        return self.task.predict(self.variables, self.constants, image, **inputs)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def seg_pictures(image: np.ndarray, labels: np.ndarray, maps: np.ndarray | None, names: Sequence[str],
+                 palette: np.ndarray) -> dict[str, np.ndarray]:
+    """Overlay with a legend of the classes present, and one attention heatmap per present class."""
+    present = [int(c) for c in np.unique(labels) if 0 <= c < len(names)]
+    pictures = {"overlay": visualize.side_by_side([
+        visualize.overlay(image, visualize.colorize(labels, palette)),
+        visualize.legend([names[c] for c in present], palette[present])])}
+    if maps is not None and present:
+        pictures["attention"] = visualize.side_by_side(
+            [visualize.titled(visualize.heatmap(maps[..., c], image), names[c]) for c in present])
+    return pictures
+
+
+def depth_pictures(depth: np.ndarray, max_depth: float) -> np.ndarray:
+    return visualize.side_by_side([visualize.colormap(depth, 0.0, max_depth),
+                                   visualize.colorbar(depth.shape[0], 0.0, max_depth, "m")])
+
+
+def probability_pictures(image: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """A 0 / 255 mask of probs > threshold, and the probabilities (viridis, 0 to 1) over the image."""
+    return {"mask": np.where(probs > threshold, 255, 0).astype(np.uint8),
+            "prob": visualize.overlay(image, visualize.colormap(probs, 0.0, 1.0), 0.6)}
+
+
+LDZNET_THRESHOLD = 0.3
+
+
+def prediction_inputs(task: str, text: str | None, scene: str | None) -> dict:
+    """The keyword inputs `Task.predict` of `task` needs, from predict.py's flags; an error names a missing one."""
+    needs = task_class(task).predict_inputs
+    inputs = {}
+    if "text" in needs:
+        if not text:
+            what = "the expression to segment" if task == "refer" else "the phrase to segment"
+            raise ValueError(f"the {task} model needs --text ({what})")
+        inputs["text"] = text
+    if "scene" in needs:
+        if scene not in NYU_SCENE_CLASSES:
+            raise ValueError(f"the {task} model needs --scene, one of {', '.join(NYU_SCENE_CLASSES)}; got {scene!r}")
+        inputs["scene"] = NYU_SCENE_CLASSES.index(scene)
+    return inputs
+
+
+def write_outputs(stem: str, image: np.ndarray, outputs: dict[str, np.ndarray], *, names: Sequence[str],
+                  max_depth: float, threshold: float) -> list[str]:
+    """The files of every output kind of one image (module docstring); returns the paths written."""
+    written = []
+    if "labels" in outputs:
+        labels = outputs["labels"]
+        palette = visualize.class_palette(len(names))
+        label_image = Image.fromarray(labels.astype(np.uint8), mode="P")
+        label_image.putpalette(palette.flatten().tolist())
+        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+        label_image.save(f"{stem}_labels.png")
+        written.append(f"{stem}_labels.png")
+        for kind, picture in seg_pictures(image, labels, outputs.get("attention"), names, palette).items():
+            written.append(visualize.save_png(f"{stem}_{kind}.png", picture))
+    if "depth" in outputs:
+        written.append(visualize.save_depth_png(f"{stem}_depth.png", outputs["depth"]))
+        written.append(visualize.save_png(f"{stem}_depth_color.png", depth_pictures(outputs["depth"], max_depth)))
+    if "mask" in outputs:
+        mask = outputs["mask"]
+        written.append(visualize.save_png(f"{stem}_mask.png", (mask * 255).astype(np.uint8)))
+        colours = visualize.colorize(mask, np.array([[0, 0, 0], [255, 40, 40]], np.uint8))
+        written.append(visualize.save_png(f"{stem}_overlay.png", visualize.overlay(image, colours, 0.45)))
+    if "probability" in outputs:
+        pictures = probability_pictures(image, outputs["probability"], threshold)
+        written += [visualize.save_png(f"{stem}_{kind}.png", picture) for kind, picture in pictures.items()]
+    return written
+
+
+def predict_files(predictor: Predictor, files: Sequence[str], output: str, *, text: str | None = None,
+                  scene: str | None = None, names_file: str | None = None,
+                  threshold: float = LDZNET_THRESHOLD) -> list[str]:
+    """Writes the outputs of every file into `output`; returns the paths written."""
+    inputs = prediction_inputs(predictor.task.name, text, scene)
+    num_classes = getattr(predictor.task, "num_classes", None)  # tasks whose outputs are class labels
+    names = class_names(num_classes, names_file) if num_classes else []
+    written = []
+    for path in files:
+        image = read_image(path)
+        stem = os.path.join(output, os.path.splitext(os.path.basename(path))[0])
+        written += write_outputs(stem, image, predictor.predict(image, **inputs), names=names,
+                                 max_depth=predictor.config.model.get("max_depth", 0.0), threshold=threshold)
+    return written
+
+
+def zeroshot_mapper(sd_folder: str, **overrides):
+    """A `ZeroShotMapper` of an SD pipeline root with the defaults of `ZeroShotConfig` except the overrides given
+    (None = default)."""
+    from vpd_jax.apps import zeroshot  # late: only --zeroshot needs it
+
+    config = dataclasses.replace(zeroshot.ZeroShotConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    return zeroshot.ZeroShotMapper.from_pretrained(sd_folder, config)
+
+
+def predict_zeroshot_files(mapper, files: Sequence[str], output: str, text: str) -> list[str]:
+    """Zero-shot noise-difference maps (`vpd_jax.apps.zeroshot.ZeroShotMapper`) of `text` in every file."""
+    if not text:
+        raise ValueError("zero-shot maps need --text (the phrase to map)")
+    written = []
+    for path in files:
+        image = read_image(path)
+        stem = os.path.join(output, os.path.splitext(os.path.basename(path))[0])
+        heat = mapper(image, text)
+        written.append(visualize.save_png(f"{stem}_zeroshot.png",
+                                          visualize.overlay(image, visualize.colormap(heat, 0.0, 1.0), 0.6)))
+        written.append(visualize.save_png(f"{stem}_zeroshot_raw.png",
+                                          (np.clip(heat, 0, 1) * 65535).round().astype(np.uint16)))
+    return written

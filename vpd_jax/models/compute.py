@@ -1,0 +1,93 @@
+"""How a model computes, as opposed to what it computes: one frozen `Compute` for the task models and the UNet.
+
+Fields (the `config.compute` section holds the same names as strings; `Compute.from_config` reads it):
+  dtype                   compute dtype of activations and matmuls: float32 | bfloat16. Normalisations and
+                          softmax run in float32 either way.
+  param_dtype             dtype of the stored parameters: float32 | bfloat16.
+  remat_policy            None (no rematerialisation) or a name in REMAT_POLICIES, applied per UNet block.
+  attention_query_chunk   0: every attention layer attends all its queries at once (as the references). N > 0:
+                          the UNet's layers that record no map attend N queries at a time (a scan with a
+                          rematerialised body): the same result with one chunk's scores in memory at a time.
+  attention               the kernel of the UNet's attention layers that record no map (a recorded map always
+                          needs the probabilities, which only our core returns):
+                            'xla'          our heads-first core with its written-out backward pass (default)
+                            'dot_product'  jax.nn.dot_product_attention, JAX's choice of implementation
+                            'cudnn'        jax.nn.dot_product_attention's cuDNN flash kernel (GPUs only)
+  matmul_precision        precision of float32 matmuls and convolutions while the model is traced:
+                          'default' (the platform's: bfloat16 passes on a TPU, TF32 on Ampere+ GPUs, full float32
+                          on a CPU), 'high', 'highest' (full float32 everywhere). See `precision_scope`.
+
+Leaf layers (Conv, Dense, norms, the VAE, CLIP, heads) keep Flax's usual `dtype` / `param_dtype` fields: they are
+built with `**compute.layer_kwargs`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = {
+    "full": None,  # save nothing but the block inputs: recompute everything in the backward pass
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+ATTENTION_KERNELS = ("xla", "dot_product", "cudnn")
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat_policy: str | None = None
+    attention_query_chunk: int = 0
+    attention: str = "xla"
+    matmul_precision: str = "default"
+
+    def __post_init__(self):
+        if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat_policy!r}; valid: None, {', '.join(REMAT_POLICIES)}")
+        if self.attention_query_chunk < 0:
+            raise ValueError(f"attention_query_chunk={self.attention_query_chunk} must be >= 0 (0: all queries at "
+                             "once)")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attention kernel {self.attention!r}; valid: {ATTENTION_KERNELS}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"unknown matmul precision {self.matmul_precision!r}; valid: {MATMUL_PRECISIONS}")
+
+    @property
+    def layer_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of a leaf layer: dtype and param_dtype."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def precision_scope(self):
+        """A context for tracing the model under `matmul_precision` (nothing for 'default')."""
+        if self.matmul_precision == "default":
+            return contextlib.nullcontext()
+        return jax.default_matmul_precision(self.matmul_precision)
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], where: str = "config.compute") -> "Compute":
+        """From a config section of strings (dtype names, '' for no remat); errors name `where`.<field>."""
+        values = dict(section)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown}; fields: {sorted(fields)}")
+        for name in ("dtype", "param_dtype"):
+            if name in values:
+                if values[name] not in DTYPES:
+                    raise ValueError(f"{where}.{name}={values[name]!r}; supported: {sorted(DTYPES)}")
+                values[name] = DTYPES[values[name]]
+        if "remat_policy" in values:
+            values["remat_policy"] = values["remat_policy"] or None
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None

@@ -1,0 +1,258 @@
+"""Checkpoints: the train state, the resolved config and each process's tf.data iterator, in one Orbax step.
+
+Layout of `<directory>/<step>/` (an Orbax CheckpointManager step, written in `<step>.orbax-checkpoint-tmp-*` and
+renamed only when every item of every process is written, so a step is complete or absent):
+  state/                 the train state (sharded jax arrays; restored straight into the target shardings)
+  config/metadata        the resolved config as JSON (written by the primary process only)
+  data/process_<i>/      process i's tf.data iterator (`tf.train.Checkpoint(iterator=...)`), one per process
+
+The iterator item has its own CheckpointHandler (`DataIteratorHandler`). Orbax runs non-async handlers to completion
+inside `save()` on every process, so the iterator is captured at exactly the step being saved, while the arrays are
+written in the background. A run killed at any moment (SIGKILL included, also mid-save) leaves at most a tmp
+directory, which `latest_step()` ignores and the next CheckpointManager deletes (in the background, finished
+before its first save).
+
+All processes call `save` and `restore` (Orbax coordinates them); vpd_jax/run/start.py decides where a run's state
+comes from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+STATE, CONFIG, DATA = "state", "config", "data"
+_MAX_LISTED = 10
+
+
+# --------------------------------------------------------------------------------- the data-iterator item
+
+
+def _iterator_checkpoint(iterator: Any) -> tuple[Callable[[str], Any], Callable[[str], None]]:
+    """(save(prefix), restore(prefix)) for a `vpd_jax.data.iterator.DataIterator`-like object (with its own
+    `save`/`restore`) or a raw tf.data iterator."""
+    if hasattr(iterator, "save") and hasattr(iterator, "restore"):
+        return iterator.save, iterator.restore
+    import tensorflow as tf  # only when a raw tf.data iterator is checkpointed
+
+    if not isinstance(iterator, tf.data.Iterator):
+        raise TypeError(f"cannot checkpoint a {type(iterator).__name__}: expected a tf.data iterator or an object "
+                        "with save(path_prefix) and restore(path)")
+    ckpt = tf.train.Checkpoint(iterator=iterator)
+    return ckpt.write, lambda prefix: ckpt.read(prefix).assert_consumed()
+
+
+def _process_dirs(directory: epath.Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("process_")) if directory.exists() else []
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+    """Saves / restores this process's data iterator under `<item dir>/process_<jax.process_index()>/`."""
+
+    _PREFIX = "iterator"
+
+    def save(self, directory: epath.Path, args: "DataIteratorSave"):
+        path = epath.Path(directory) / f"process_{jax.process_index()}"
+        path.mkdir(parents=True, exist_ok=True)
+        save, _ = _iterator_checkpoint(args.iterator)
+        save(str(path / self._PREFIX))
+
+    def restore(self, directory: epath.Path, args: "DataIteratorRestore"):
+        directory = epath.Path(directory)
+        path = directory / f"process_{jax.process_index()}"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{directory}: no data-iterator state for process {jax.process_index()} of {jax.process_count()} "
+                f"(the checkpoint has {_process_dirs(directory)}); the input pipeline state cannot be re-split "
+                "across a different number of processes")
+        _, restore = _iterator_checkpoint(args.iterator)
+        restore(str(path / self._PREFIX))
+        return args.iterator
+
+    def metadata(self, directory: epath.Path):
+        return {"processes": _process_dirs(epath.Path(directory))}
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+    iterator: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+    iterator: Any  # restored in place
+
+
+# ------------------------------------------------------------------------------------------- tree checks
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's state does not fit the model: lists the first missing, unexpected and mis-shaped keys."""
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'a.b.0.c' -> shape, with keys spelled as Orbax stores them (dataclass fields and namedtuples by name)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(_key_name(k) for k in path): tuple(np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape)
+            for path, leaf in leaves}
+
+
+def _params_first(key: str) -> tuple[bool, str]:
+    """Sort key listing model parameters before the optimizer slots and statistics that repeat their names."""
+    return not key.startswith("params."), key
+
+
+def check_state_matches(saved: Any, target: Any, source: str) -> None:
+    """Raise CheckpointMismatchError unless `saved` (Orbax metadata) and `target` have the same keys and shapes."""
+    have, want = _flat_shapes(saved), _flat_shapes(target)
+    missing = sorted(want.keys() - have.keys(), key=_params_first)
+    unexpected = sorted(have.keys() - want.keys(), key=_params_first)
+    misshaped = sorted((k for k in want.keys() & have.keys() if tuple(have[k]) != tuple(want[k])), key=_params_first)
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"checkpoint {source} does not fit the model: {len(missing)} missing, {len(unexpected)} unexpected, "
+             f"{len(misshaped)} mis-shaped entries (first {_MAX_LISTED} of each)"]
+    lines += [f"  missing     {k}: model has {want[k]}" for k in missing[:_MAX_LISTED]]
+    lines += [f"  unexpected  {k}: checkpoint has {have[k]}" for k in unexpected[:_MAX_LISTED]]
+    lines += [f"  mis-shaped  {k}: checkpoint has {tuple(have[k])}, model has {want[k]}" for k in misshaped[:_MAX_LISTED]]
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+def abstract_like(state: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) for a state of jax arrays, as `restore` wants its target."""
+
+    def to_abstract(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return x
+
+    return jax.tree.map(to_abstract, state)
+
+
+def _check_target_shardings(abstract_state: Any) -> None:
+    unsharded = [".".join(_key_name(k) for k in path)
+                 for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+                 if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None]
+    if unsharded:
+        raise ValueError(f"restore target leaves without a sharding (e.g. {unsharded[:3]}): give every "
+                         "ShapeDtypeStruct the sharding to restore into (see abstract_like)")
+
+
+# ------------------------------------------------------------------------------------------- the manager
+
+
+def config_to_json(config: Any) -> dict:
+    """A JSON-able dict of a ConfigDict / mapping (values JSON cannot hold become their repr)."""
+    if hasattr(config, "to_json_best_effort"):
+        return json.loads(config.to_json_best_effort(sort_keys=True))
+    return json.loads(json.dumps(dict(config), default=repr, sort_keys=True))
+
+
+class Checkpointer:
+    """A CheckpointManager over `directory` with the state / config / data items.
+
+    save_interval_steps and max_to_keep are Orbax's; `async_save` writes arrays in the background (call
+    `wait_until_finished()` before reading them elsewhere, and `close()` at exit). `read_only` opens another run's
+    checkpoints (config.resume) without touching them.
+    """
+
+    def __init__(self, directory: str | epath.Path, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
+                 async_save: bool = True, read_only: bool = False):
+        # Orbax (tensorstore) needs an absolute path: a relative workdir (`--workdir=runs/x`) is taken from the
+        # current directory; gs:// and other URLs stay as they are.
+        self.directory = epath.Path(directory if "://" in os.fspath(directory) else os.path.abspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else max_to_keep,
+            save_interval_steps=0 if read_only else save_interval_steps,
+            # Orbax's default policy also saves the first step of a run with no checkpoint yet; ours saves on the
+            # interval only (plus a preemption notice), so a run's checkpoint steps do not depend on restarts.
+            save_decision_policy=None if read_only else ocp.checkpoint_managers.AnySavePolicy([
+                ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only,  # leftovers of a run killed mid-save
+            create=not read_only,
+            read_only=read_only,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={STATE: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler(),
+                           DATA: DataIteratorHandler()})
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        return self.manager.should_save(step)
+
+    def save(self, step: int, state: Any, *, data_iterator: Any = None, config: Any = None,
+             force: bool = False) -> bool:
+        """Save `state` (and the iterator / config, when given) as `step` if the interval says so (or `force`).
+
+        Every process must call this with its own iterator. Returns whether a save was started.
+        """
+        items = {STATE: ocp.args.StandardSave(state)}
+        if config is not None:
+            items[CONFIG] = ocp.args.JsonSave(config_to_json(config))
+        if data_iterator is not None:
+            items[DATA] = DataIteratorSave(data_iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def _step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    def has_data(self, step: int) -> bool:
+        return (self._step_dir(step) / DATA).exists()
+
+    def restore(self, step: int, abstract_state: Any, *, data_iterator: Any = None) -> Any:
+        """The state of `step`, restored into `abstract_state`'s shardings; restores `data_iterator` in place.
+
+        Raises CheckpointMismatchError (naming keys) when the saved tree does not fit `abstract_state`.
+        """
+        abstract_state = abstract_like(abstract_state)
+        _check_target_shardings(abstract_state)
+        source = str(self._step_dir(step))
+        saved = self.manager.item_metadata(step)[STATE]
+        check_state_matches(getattr(saved, "tree", saved), abstract_state, source)
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            if not self.has_data(step):
+                raise FileNotFoundError(f"checkpoint {source} has no data-iterator state: it was saved without one, "
+                                        "so the input stream cannot continue where it stopped")
+            items[DATA] = DataIteratorRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+
+    def restore_config(self, step: int) -> dict | None:
+        if not (self._step_dir(step) / CONFIG).exists():
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+    def wait_until_finished(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

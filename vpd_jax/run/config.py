@@ -1,0 +1,87 @@
+"""Every field of a run's config, with defaults; the files in configs/ start from `base_config` and set what
+their task and paper need. Field meanings:
+
+  task                 a task of vpd_jax.tasks.registry: 'seg' | 'depth' | 'refer' | 'ldznet' | 'probe'
+  seed                 parameter init and dropout (the input pipeline has its own, data.seed)
+  init                 pretrained Stable Diffusion weights: a diffusers pipeline root or a CompVis file
+  resume               another run's checkpoint directory (or one step directory) to start from
+  model.*              the task's model (its Task.model_config lists the fields; VPD: vpd_jax/tasks/vpd.py):
+    arch               'init' (architecture read from `init`) or a preset of vpd_jax.models.presets
+    text_encoder       CLIP text model folder ('' = the `init` pipeline's text_encoder/), for tasks with text
+    tokenizer          CLIP tokenizer folder, or 'hash' (WordHashTokenizer, no CLIP files)
+    class_embeddings   VPD seg / depth: .npy or VPD .pth file, or 'random' (class_embeddings_seed)
+    num_classes        VPD seg classes / depth scene classes
+    timestep, latent_scale, use_attn, attn_max_queries (-1: (H/16)(W/16)), stop_grad_attn, gamma_init
+                       VPD, spec/vpd.md 1.2-1.5
+  compute.*            how the model computes, not what (vpd_jax/models/compute.py):
+    dtype, param_dtype 'float32' | 'bfloat16' (norms and softmax run in float32 either way)
+    remat_policy       '' (none) or a name in vpd_jax.models.compute.REMAT_POLICIES, per UNet block
+    attention_query_chunk  0 (all queries at once, as the references) or N: the UNet's attention layers that
+                       record no map attend N queries at a time, each chunk's scores recomputed in the backward
+                       pass: the same result with far less memory where no fused attention kernel exists
+                       (BENCHMARKS.md measures time and memory)
+    attention          kernel of the attention layers that record no map: 'xla' | 'dot_product' | 'cudnn'
+    matmul_precision   'default' | 'high' | 'highest' (float32 matmul passes on TPUs / GPUs)
+  batch_size           global training batch (split evenly over hosts)
+  eval_batch_size      global eval batch
+  total_steps          training steps (micro-batches when optim.grad_accum_steps > 1)
+  steps_per_epoch      optimizer updates per epoch, for epoch-based schedules (depth)
+  data.*               the input pipeline (vpd_jax.data.config.data_config lists the fields)
+  optim.*              the optimizer (vpd_jax.run.optim: default_optim_config and make_optimizer)
+  mesh                 sizes of the ('data', 'fsdp', 'tensor') mesh axes; one may be -1
+  sharding_rules       logical axis -> mesh axes (vpd_jax.parallel)
+  log_every, ckpt_every, keep_ckpts, async_ckpt, eval_every (0 = only at the end), eval_max_batches (0 = all)
+  eval_at_start        also evaluate the state a run starts from at step 0 (eval_0.json: the untrained model)
+  nonfinite            'stop': a NaN/inf loss or gradient stops the run naming the step; 'skip': the update is
+                       skipped and counted. Either way a non-finite update never reaches the parameters.
+  nonfinite_check      what decides that a step is non-finite: 'gradients' (loss, gradient norm and learning rate,
+                       before the update, which then happens in place; needs optim.eps > 0) or 'updates' (also the
+                       update itself, at the cost of about one more copy of the trainable parameters in memory
+                       at the step's peak; `python -m bench.run --full` measures it). The references have no guard.
+  eval.*               the task's evaluation protocol (its Task.eval_config; VPD: spec 2.4, 3.6, 4.4)
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from vpd_jax import parallel
+from vpd_jax.data.config import data_config
+from vpd_jax.run.optim import default_optim_config
+from vpd_jax.tasks.registry import task_class
+
+
+def compute_config() -> ml_collections.ConfigDict:
+    """The config.compute section (vpd_jax.models.compute.Compute, as strings)."""
+    return ml_collections.ConfigDict(dict(dtype="float32", param_dtype="float32", remat_policy="",
+                                          attention_query_chunk=0, attention="xla", matmul_precision="default"))
+
+
+def base_config(task: str, data_name: str) -> ml_collections.ConfigDict:
+    """Every field of a `task` run on the TFDS dataset `data_name`, with the task's and the dataset's defaults."""
+    cls = task_class(task)
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.seed = 0
+    c.init = ""
+    c.resume = ""
+    c.model = cls.model_config()
+    c.compute = compute_config()
+    c.data = data_config(cls.pipeline, data_name)
+    c.batch_size = c.data.batch_size_per_host
+    c.eval_batch_size = c.data.eval_batch_size_per_host
+    c.total_steps = 1000
+    c.steps_per_epoch = 0
+    c.optim = default_optim_config(cls.optim_preset)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = [list(rule) for rule in parallel.DEFAULT_RULES]
+    c.log_every = 50
+    c.ckpt_every = 1000
+    c.keep_ckpts = 3
+    c.async_ckpt = True
+    c.eval_every = 0
+    c.eval_at_start = False
+    c.eval_max_batches = 0
+    c.nonfinite = "stop"
+    c.nonfinite_check = "gradients"
+    c.eval = cls.eval_config()
+    return c

@@ -1,0 +1,166 @@
+"""The sharded train state and the jitted train step of a task on a mesh (`build_trainer` -> `Trainer`).
+
+The train state is a dict: step, params (trainable), frozen (VAE, CLIP), batch_stats, opt_state, and the
+count / first step of non-finite updates (which are never applied, see config.nonfinite). Steps are counted as
+the logs count them: train step s is the s-th update, the one that turns state step s - 1 into s.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vpd_jax import parallel
+from vpd_jax.run import optim
+from vpd_jax.tasks.base import Task
+
+# ------------------------------------------------------------------------------------------------ the state
+
+
+def initial_state(tx: optax.GradientTransformation, info: optim.OptimizerInfo, params: dict,
+                  batch_stats: dict) -> dict:
+    """The train state at step 0 for the model variables `params` / `batch_stats`."""
+    trainable, frozen = info.split(params)
+    return dict(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen, batch_stats=batch_stats,
+                opt_state=tx.init(trainable), nonfinite=jnp.zeros((), jnp.int32),
+                first_nonfinite_step=jnp.zeros((), jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """Everything the step functions close over (built by `build_trainer`)."""
+
+    config: ml_collections.ConfigDict
+    task: Task
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    tx: optax.GradientTransformation
+    info: optim.OptimizerInfo
+    example: dict
+    state_shardings: Any
+    abstract_state: Any
+    batch_sharding: NamedSharding
+    replicated: NamedSharding
+
+    def create_state(self, rng: jax.Array) -> dict:
+        variables = nn.meta.unbox(self.task.init_variables(rng, self.example, self.task.constants))
+        return self.state_from_variables(variables["params"], variables.get("batch_stats", {}))
+
+    def state_from_variables(self, params: dict, batch_stats: dict) -> dict:
+        return initial_state(self.tx, self.info, params, batch_stats)
+
+    def variables(self, state: dict, use_ema: bool = False) -> dict:
+        params = state["params"]
+        if use_ema:
+            params = optim.ema_params(state["opt_state"]) or params
+        return {"params": self.info.merge(params, state["frozen"]), "batch_stats": state["batch_stats"]}
+
+    def train_step(self, state: dict, batch: dict, constants: dict) -> tuple[dict, dict]:
+        step = state["step"]
+        rng = jax.random.fold_in(jax.random.key(self.config.seed), step)
+
+        def loss_fn(trainable):
+            variables = {"params": self.info.merge(trainable, state["frozen"]), "batch_stats": state["batch_stats"]}
+            output, new_stats = self.task.apply(variables, batch, constants, train=True, rng=rng)
+            return self.task.loss(output, batch), new_stats
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_norm = optax.tree.norm(grads)
+        lr = self.info.lr_at_step(step)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
+        (params, opt_state), finite = self._guarded_update(grads, state, finite)
+        batch_stats = state["batch_stats"]
+        if new_stats is not None:
+            batch_stats = _keep_if(finite, new_stats, batch_stats)
+
+        first_bad = state["nonfinite"] == 0
+        new_state = dict(
+            step=step + 1,
+            params=params,
+            frozen=state["frozen"],
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            nonfinite=state["nonfinite"] + (~finite).astype(jnp.int32),
+            first_nonfinite_step=jnp.where(~finite & first_bad, step + 1, state["first_nonfinite_step"]),
+        )
+        metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(new_state["params"]),
+                       lr=lr)
+        return new_state, metrics
+
+    def _guarded_update(self, grads, state: dict, finite: jax.Array) -> tuple[tuple[Any, Any], jax.Array]:
+        """(params, opt_state) after the optimizer update, or as they were when the step is not finite.
+
+        nonfinite_check 'gradients': `finite` (loss, gradient norm and learning rate) decides before the update,
+        which is then computed in place under a lax.cond. With finite gradients, finite hyper-parameters and
+        eps > 0 (build_trainer insists), AdamW's update is finite too. 'updates' also checks the update itself,
+        which must then be complete before the old state may be overwritten: new and old moments and parameters
+        live side by side, about one more copy of the trainable parameters at the step's peak
+        (`python -m bench.run --full` measures it).
+        """
+        def update(params, opt_state):
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), updates
+
+        old = (state["params"], state["opt_state"])
+        if self.config.nonfinite_check == "updates":
+            new, updates = update(*old)
+            finite = finite & jnp.isfinite(optax.tree.norm(updates))
+            return _keep_if(finite, new, old), finite
+        return jax.lax.cond(finite, lambda p, o: update(p, o)[0], lambda p, o: (p, o), *old), finite
+
+    def jit_train_step(self):
+        constants_sharding = jax.tree.map(lambda _: self.replicated, self.task.constants)
+        return jax.jit(self.train_step, donate_argnums=(0,),
+                       in_shardings=(self.state_shardings, self.batch_sharding, constants_sharding),
+                       out_shardings=(self.state_shardings, self.replicated))
+
+
+def _keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+
+NONFINITE_CHECKS = ("gradients", "updates")
+
+
+def check_nonfinite_guard(config) -> None:
+    """config.nonfinite_check is known, and 'gradients' (which trusts a finite gradient to give a finite update)
+    is not combined with eps = 0, where a zero gradient makes AdamW's update 0 / 0."""
+    if config.nonfinite_check not in NONFINITE_CHECKS:
+        raise ValueError(f"config.nonfinite_check={config.nonfinite_check!r}; use one of {NONFINITE_CHECKS}")
+    if config.nonfinite_check == "gradients" and not config.optim.eps > 0:
+        raise ValueError(f"config.optim.eps={config.optim.eps} with config.nonfinite_check='gradients': a zero "
+                         "gradient gives AdamW a 0/0 update that only nonfinite_check='updates' catches; use eps > 0 "
+                         "or that check")
+
+
+def sharding_rules(config) -> tuple:
+    return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+                 for name, axes in config.sharding_rules)
+
+
+def build_trainer(config, task: Task, mesh) -> Trainer:
+    """The Trainer of `config` on `mesh`; the task's example batch gives the model's input shapes."""
+    check_nonfinite_guard(config)
+    rules = sharding_rules(config)
+    example = task.example_batch()
+    total_updates = config.total_steps // config.optim.grad_accum_steps
+    with nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(lambda rng: task.init_variables(rng, example, task.constants), jax.random.key(0))
+    tx, info = optim.make_optimizer(config.optim, boxed["params"], total_updates,
+                                    steps_per_epoch=config.steps_per_epoch or None)
+    # The variables are arguments, not closed over: an optimizer init that copies arrays (the EMA) needs tracers.
+    boxed_state = jax.eval_shape(lambda params, stats: initial_state(tx, info, params, stats), boxed["params"],
+                                 boxed.get("batch_stats", {}))
+    state_shardings = parallel.logical_to_shardings(boxed_state, mesh, rules)
+    abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  nn.meta.unbox(boxed_state), state_shardings)
+    logging.info("parameter groups:\n%s", info.summary(nn.meta.unbox(boxed["params"])))
+    return Trainer(config, task, mesh, rules, tx, info, example, state_shardings, abstract_state,
+                   batch_sharding=NamedSharding(mesh, P(("data", "fsdp"))), replicated=NamedSharding(mesh, P()))

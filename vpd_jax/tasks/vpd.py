@@ -1,0 +1,251 @@
+"""The three VPD tasks: semantic segmentation, monocular depth, referring segmentation (spec/vpd.md 2-4).
+
+Text inputs (spec/vpd.md 1.5):
+  seg     `config.model.class_embeddings`: a .npy / VPD .pth file of (num_classes, D) pooled CLIP features,
+          or 'random' (fixed Gaussian vectors: for scratch runs of the tiny architecture, which has no CLIP);
+  depth   the same for the 27 NYU scenes (class ids come from the pipeline's scene_class);
+  refer   CLIP token ids from `config.model.tokenizer` (a CLIP tokenizer folder, or 'hash' for a
+          WordHashTokenizer when there is none) through the frozen CLIP text encoder `text_encoder`.
+
+Predictions for an image of any size (`predict`): it is prepared as the task's evaluation pipeline prepares its
+inputs (seg: keep-ratio resize to the run's img_scale, then slide inference; depth: resized to the training crop
+height with the width rounded to a multiple of 32; refer: squashed to the square training size), and every output
+is mapped back to the image's size.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vpd_jax import inference, losses, metrics
+from vpd_jax.data.config import transform_config
+from vpd_jax.models import resize
+from vpd_jax.models.vpd import VPDDepth, VPDRefer, VPDSeg
+from vpd_jax.tasks.base import Accumulator, Task, class_embeddings, scalars_and_lists, text_tokenizer
+
+
+def vpd_model_config(task: str) -> ml_collections.ConfigDict:
+    """The config.model section of the VPD tasks (one section for all three; each reads its fields)."""
+    return ml_collections.ConfigDict(dict(
+        arch="init", text_encoder="", tokenizer="", class_embeddings="", class_embeddings_seed=0,
+        num_classes={"seg": 150, "depth": 27, "refer": 2}[task],
+        timestep=1, latent_scale=1.0, use_attn=task != "depth", attn_max_queries=-1, stop_grad_attn=True,
+        gamma_init=1e-4,
+        # seg head / loss
+        fpn_channels=256, dropout_ratio=0.1, avg_non_ignore=False,
+        # depth head
+        max_depth=10.0, depth_fusion_channels=1536, depth_num_filters=(32, 32, 32), depth_decoder_channels=192,
+    ))
+
+
+def vpd_eval_config(task: str) -> ml_collections.ConfigDict:
+    """The config.eval section of the VPD tasks: the test protocols (spec 2.4, 3.6, 4.4)."""
+    return ml_collections.ConfigDict(dict(
+        seg_crop=(512, 512), seg_stride=(341, 341), chunk_size=0,
+        depth_window=0, depth_shift_size=2, flip=task == "depth", min_depth=1e-3, depth_crop="eigen",
+    ))
+
+
+class _VPDTask(Task):
+    """What the three VPD tasks share: the config sections, the model's common fields, the jitted forward."""
+
+    @classmethod
+    def model_config(cls) -> ml_collections.ConfigDict:
+        return vpd_model_config(cls.name)
+
+    @classmethod
+    def eval_config(cls) -> ml_collections.ConfigDict:
+        return vpd_eval_config(cls.name)
+
+    def _model_kwargs(self) -> dict:
+        m, arch = self.config.model, self.arch
+        return dict(unet=arch.unet, vae=arch.vae, timestep=m.timestep, latent_scale=m.latent_scale,
+                    use_attn=m.use_attn, attn_max_queries=m.attn_max_queries if m.attn_max_queries > 0 else None,
+                    stop_grad_attn=m.stop_grad_attn, gamma_init=m.gamma_init, compute=self.compute)
+
+    def _class_embeddings(self) -> np.ndarray:
+        m = self.config.model
+        return class_embeddings(m, m.num_classes, self.arch.unet.cross_attention_dim)
+
+    @functools.cached_property
+    def _forward(self):
+        """The model's inference forward, jitted once per task (predictions)."""
+        def forward(variables, *args):
+            with self.compute.precision_scope():
+                return self.model.apply(variables, *args, train=False)
+        return jax.jit(forward)
+
+
+class SegTask(_VPDTask):
+    name = "seg"
+    pipeline = "seg"
+    optim_preset = "vpd_seg"
+
+    def __init__(self, config, arch):
+        super().__init__(config, arch)
+        m = config.model
+        self.num_classes = m.num_classes
+        self.model = VPDSeg(**self._model_kwargs(), num_classes=m.num_classes, fpn_channels=m.fpn_channels,
+                            dropout_ratio=m.dropout_ratio)
+        self.constants = {"class_embeddings": self._class_embeddings()}
+
+    def example_targets(self, batch_size):
+        return {"label": np.zeros((batch_size, *self.image_size()), np.int32)}
+
+    def model_args(self, batch, constants):
+        return batch["image"], constants["class_embeddings"]
+
+    def loss(self, output, batch):
+        return losses.segmentation_loss(output, batch["label"], avg_non_ignore=self.config.model.avg_non_ignore)
+
+    def eval_statistics(self, variables, batch, constants):
+        e = self.config.eval
+
+        def predict(crops):
+            return self.model.apply(variables, crops, constants["class_embeddings"], train=False)
+
+        with self.compute.precision_scope():
+            preds = inference.segment_padded(predict, batch["image"], batch["image_hw"], batch["label_hw"],
+                                             batch["label"].shape[1:3], self.num_classes, crop=tuple(e.seg_crop),
+                                             stride=tuple(e.seg_stride), chunk_size=e.chunk_size or None)
+        return metrics.segmentation_areas(preds, batch["label"], self.num_classes, example_mask=batch["valid"])
+
+    def new_metric(self):
+        metric = metrics.SegmentationMetric(self.num_classes)
+        return Accumulator(metric.update, lambda: scalars_and_lists(metric.result()))
+
+    @functools.cached_property
+    def _features(self):
+        """The four feature levels (with their attention maps), jitted: the maps for the prediction pictures."""
+        def features(variables, images, embeddings):
+            with self.compute.precision_scope():
+                _, state = self.model.apply(variables, images, embeddings, train=False, mutable=["intermediates"])
+            return state["intermediates"]["features"][0]
+        return jax.jit(features)
+
+    def predict(self, variables, constants, image, **inputs):
+        """{'labels': (H, W) class ids, 'attention': the per-class cross-attention maps (h, w, N) of the 1/16
+        level over the resized image (absent without maps)}."""
+        import tensorflow as tf
+
+        from vpd_jax.data import transforms
+
+        aug = transform_config(self.config.data)
+        resized = transforms.seg_eval(tf.constant(image), tf.zeros(image.shape[:2], tf.uint8), aug)["image"]
+        resized = jnp.asarray(resized.numpy())[None]
+        embeddings = constants["class_embeddings"]
+        e = self.config.eval
+        labels = inference.segment(lambda crops: self._forward(variables, crops, embeddings), resized,
+                                   image.shape[:2], self.num_classes, mode="slide", img_scale=tuple(aug.img_scale),
+                                   crop=tuple(e.seg_crop), stride=tuple(e.seg_stride))
+        outputs = {"labels": np.asarray(labels[0])}
+        if self.config.model.use_attn:
+            height, width = resized.shape[1:3]
+            padded = jnp.pad(resized, ((0, 0), (0, -height % 64), (0, -width % 64), (0, 0)))
+            features = self._features(variables, padded, embeddings)
+            # The maps of the 1/16 level, cropped to the part that covers the image (not its padding).
+            valid = [-(-side // 16) for side in (height, width)]
+            outputs["attention"] = np.asarray(features[1][0, :valid[0], :valid[1], -self.num_classes:])
+        return outputs
+
+
+class DepthTask(_VPDTask):
+    name = "depth"
+    pipeline = "depth"
+    optim_preset = "vpd_depth"
+    predict_inputs = ("scene",)
+
+    def __init__(self, config, arch):
+        super().__init__(config, arch)
+        m = config.model
+        self.model = VPDDepth(**self._model_kwargs(), max_depth=m.max_depth,
+                              fusion_channels=m.depth_fusion_channels, num_filters=tuple(m.depth_num_filters),
+                              decoder_channels=m.depth_decoder_channels)
+        self.constants = {"class_embeddings": self._class_embeddings()}
+
+    def example_targets(self, batch_size):
+        return {"depth": np.zeros((batch_size, *self.image_size()), np.float32),
+                "scene_class": np.zeros((batch_size,), np.int32)}  # an input, drawn with the targets
+
+    def model_args(self, batch, constants):
+        return batch["image"], batch["scene_class"], constants["class_embeddings"]
+
+    def loss(self, output, batch):
+        return losses.silog_loss(output, batch["depth"])
+
+    def eval_statistics(self, variables, batch, constants):
+        e, m = self.config.eval, self.config.model
+
+        def predict(images, class_ids):
+            return self.model.apply(variables, images, class_ids, constants["class_embeddings"], train=False)
+
+        with self.compute.precision_scope():
+            preds = inference.depth_shift_window_flip(
+                predict, batch["image"], batch["scene_class"], window=e.depth_window or None,
+                shift_size=e.depth_shift_size, flip=e.flip, min_depth=e.min_depth, max_depth=m.max_depth,
+                chunk_size=e.chunk_size or None)
+        return metrics.depth_image_metrics(preds, batch["depth"], e.min_depth, m.max_depth,
+                                           crop=e.depth_crop or None, example_mask=batch["valid"])
+
+    def new_metric(self):
+        metric = metrics.DepthMetric()
+        return Accumulator(lambda s: metric.update(*s), metric.result)
+
+    def predict(self, variables, constants, image, *, scene: int, **inputs):
+        """{'depth': (H, W) metres}; `scene` is the NYU scene class id."""
+        import tensorflow as tf
+
+        height = int(transform_config(self.config.data).crop_size[0])
+        width = max(32, int(round(image.shape[1] * height / image.shape[0] / 32)) * 32)
+        resized = tf.image.resize(tf.constant(image, tf.float32), (height, width), method="bilinear")
+        x = jnp.asarray(resized.numpy() / 127.5 - 1.0, jnp.float32)[None]
+        pred = self._forward(variables, x, jnp.asarray([scene], jnp.int32), constants["class_embeddings"])
+        return {"depth": np.asarray(resize.bilinear(pred[..., None], image.shape[:2])[0, ..., 0])}
+
+
+class ReferTask(_VPDTask):
+    name = "refer"
+    pipeline = "refer"
+    optim_preset = "vpd_refer"
+    frozen_subtrees = ("vae", "text_encoder")
+    predict_inputs = ("text",)
+
+    def __init__(self, config, arch):
+        super().__init__(config, arch)
+        self.model = VPDRefer(**self._model_kwargs(), text=arch.text)
+        self.tokenizer = text_tokenizer(config, arch)
+        self.constants = {}
+
+    def example_targets(self, batch_size):
+        return {"mask": np.zeros((batch_size, *self.image_size()), np.int32)}
+
+    def model_args(self, batch, constants):
+        return batch["image"], batch["tokens"]
+
+    def loss(self, output, batch):
+        return losses.referring_loss(output, batch["mask"])
+
+    def eval_statistics(self, variables, batch, constants):
+        logits, _ = self.apply(variables, batch, constants, train=False)
+        return metrics.referring_counts(jnp.argmax(logits, -1), batch["mask"], example_mask=batch["valid"])
+
+    def new_metric(self):
+        metric = metrics.ReferringMetric()
+        return Accumulator(lambda s: metric.update(*s), metric.result)
+
+    def predict(self, variables, constants, image, *, text: str, **inputs):
+        """{'mask': (H, W) in {0, 1}} of the expression `text`."""
+        import tensorflow as tf
+
+        from vpd_jax.data import transforms
+
+        aug = transform_config(self.config.data)
+        sample = transforms.refer(tf.constant(image), tf.zeros(image.shape[:2], tf.int32), aug)
+        tokens = self.tokenizer([text], self.config.data.text_max_length)
+        logits = self._forward(variables, jnp.asarray(sample["image"].numpy())[None], jnp.asarray(tokens))
+        mask = jnp.argmax(logits, -1)[..., None].astype(jnp.int32)
+        return {"mask": np.asarray(resize.nearest(mask, image.shape[:2])[0, ..., 0])}
