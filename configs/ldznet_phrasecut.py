@@ -35,6 +35,7 @@ def get_config(arg=None):
     if check_arg(arg, ARGS) == "smoke":
         return smoke_config()
     c = ldznet_config("phrasecut", batch_size=32)
+    c.compute.matmul_precision = "highest"  # float32 matmuls as the references' fp32 GPU runs (README)
     c.eval_batch_size = 32  # the CLIPSeg scorer's batch (spec 4.1)
     c.total_steps = 100_000
     c.ckpt_every = 500  # the reference's checkpoint interval (spec 3.2)

@@ -21,6 +21,7 @@ def get_config(arg=None):
     if check_arg(arg, ARGS) == "smoke":
         return smoke_config()
     c = base_config("depth", "nyu_depth_v2_bts")
+    c.compute.matmul_precision = "highest"  # float32 matmuls as the references' fp32 GPU runs (README)
     c.batch_size = 24
     c.eval_batch_size = 8
     c.steps_per_epoch = 1009  # 24,231 images / 24, as DistributedSampler gives (3,029 per rank / 3)

@@ -30,6 +30,7 @@ def get_config(arg=None):
         return smoke_config()
     name, length, refs = DATASETS[arg]
     c = base_config("refer", name)
+    c.compute.matmul_precision = "highest"  # float32 matmuls as the references' fp32 GPU runs (README)
     c.data.text_max_length = length
     c.batch_size = 32
     c.eval_batch_size = 8

@@ -20,6 +20,7 @@ def get_config(arg=None):
     if check_arg(arg, ARGS) == "smoke":
         return smoke_config()
     c = base_config("seg", "ade20k")
+    c.compute.matmul_precision = "highest"  # float32 matmuls as the references' fp32 GPU runs (README)
     c.batch_size = 16
     c.eval_batch_size = 8
     c.total_steps = 80_000
