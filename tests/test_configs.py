@@ -247,15 +247,20 @@ def test_compute_section_reaches_the_model_and_rejects_bad_values():
     config = base_config("seg", "vpd_shapes/small")
     config.model.update(arch="tiny", class_embeddings="random")
     config.compute.update(remat_policy="nothing_saveable", attention_query_chunk=256, dtype="bfloat16",
-                          attention="dot_product", matmul_precision="highest")
+                          attention="splash", map_attention="pallas", attention_block_q=256, attention_block_kv=384,
+                          pallas_interpret=True, matmul_precision="highest")
     task = make_task(config, presets.architecture("tiny"))
     assert task.model.compute == Compute(dtype=jnp.bfloat16, param_dtype=jnp.float32, remat_policy="nothing_saveable",
-                                         attention_query_chunk=256, attention="dot_product",
+                                         attention_query_chunk=256, attention="splash", map_attention="pallas",
+                                         attention_block_q=256, attention_block_kv=384, pallas_interpret=True,
                                          matmul_precision="highest")
     for field, value, error in (("attention_query_chunk", -1, r"config\.compute: attention_query_chunk=-1 must be"),
                                 ("dtype", "float16", r"config\.compute\.dtype='float16'"),
                                 ("remat_policy", "sometimes", r"config\.compute: unknown remat policy 'sometimes'"),
-                                ("attention", "flash", r"config\.compute: unknown attention kernel 'flash'")):
+                                ("attention", "splash2", r"config\.compute: unknown attention kernel 'splash2'"),
+                                ("map_attention", "splash", r"config\.compute: unknown map attention kernel 'splash'"),
+                                ("attention_block_q", 100, r"config\.compute: attention_block_q=100 must be a "
+                                                           "positive multiple of 128")):
         section = base_config("seg", "vpd_shapes/small").compute
         section[field] = value
         with pytest.raises(ValueError, match=error):

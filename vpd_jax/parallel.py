@@ -75,7 +75,7 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def _divisible_spec(mesh_spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+def divisible_spec(mesh_spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """Per dimension, drop mesh axes of size 1 and the trailing mesh axes that do not divide the dimension."""
     entries = list(mesh_spec) + [None] * (len(shape) - len(mesh_spec))
     out = []
@@ -101,7 +101,7 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_
             mesh_spec = nn.logical_to_mesh_axes(logical, rules)
         else:
             value, mesh_spec = leaf, PartitionSpec()
-        return NamedSharding(mesh, _divisible_spec(mesh_spec, np.shape(value), mesh))
+        return NamedSharding(mesh, divisible_spec(mesh_spec, np.shape(value), mesh))
 
     return jax.tree.map(to_sharding, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 

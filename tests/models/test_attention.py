@@ -1,13 +1,18 @@
 """The attention core (vpd_jax.models.attention.multi_head_attention): heads-first layout and a written-out backward
 pass, checked against a float64 NumPy forward, JAX's own autodiff of the textbook formula, finite differences, and
-`jax.nn.dot_product_attention`."""
+`jax.nn.dot_product_attention`; and the kernel switch: which kernels run where, the matmul precision of every
+kernel's backward pass, and the `Attention` layer's choice from its `Compute`. The Pallas kernels' values are
+tested in test_attention_kernels.py."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from vpd_jax.models.attention import multi_head_attention
+from vpd_jax.models.attention import Attention, multi_head_attention
+from vpd_jax.models.compute import Compute, PallasOptions
 
 
 def numpy_attention(q, k, v, heads, scale, causal):
@@ -146,3 +151,86 @@ def test_bfloat16_inputs_give_bfloat16_outputs_and_gradients_close_to_float32():
         assert g16.dtype == jnp.bfloat16, name
         np.testing.assert_allclose(np.asarray(g16, np.float32), np.asarray(g), atol=0.05 * float(jnp.abs(g).max()),
                                    err_msg=f"d{name}")
+
+
+def nested_equations(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs inside it (Pallas kernels, custom VJPs, jits, shard_maps)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr, or a Jaxpr
+                if hasattr(inner, "eqns"):
+                    yield from nested_equations(inner)
+
+
+@pytest.mark.parametrize("kernel, maps", [("xla", False), ("xla", True), ("splash", False), ("flash", False),
+                                          ("pallas", True)])
+def test_backward_pass_keeps_the_matmul_precision_of_the_forward_pass(kernel, maps):
+    """A custom VJP's backward pass is traced after the model's precision scope has closed: every matmul of the
+    gradient, the kernels' own included, still has the precision asked for ('highest')."""
+    q, k, v = _inputs((1, 128, 77, 2, 40, 40, False))
+
+    def loss(q, k, v):
+        with jax.default_matmul_precision("highest"):
+            kernels = dict(map_implementation=kernel) if maps else dict(implementation=kernel)
+            out, probs = multi_head_attention(q, k, v, 2, return_probs=maps, pallas=PallasOptions(interpret=True),
+                                              **kernels)
+        return jnp.sum(out) + (jnp.sum(probs * probs) if maps else 0.0)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
+    precisions = [eqn.params["precision"] for eqn in nested_equations(jaxpr) if eqn.primitive.name == "dot_general"]
+    assert len(precisions) >= 5  # the forward pass's two matmuls, and the backward pass's
+    assert set(precisions) == {(jax.lax.Precision.HIGHEST,) * 2}, precisions
+
+
+def test_kernels_missing_on_this_platform_are_refused_naming_the_choices():
+    q, k, v = _inputs(CASES[0])
+    platform = jax.default_backend()
+    assert platform == "cpu"
+    for kernels, maps, needed in ((dict(implementation="cudnn"), False, "GPU"),
+                                  (dict(implementation="splash"), False, "TPU"),
+                                  (dict(implementation="flash"), False, "TPU"),
+                                  (dict(map_implementation="pallas"), True, "TPU")):
+        name = next(iter(kernels.values()))
+        valid = "('xla',)" if maps else "('xla', 'dot_product')"
+        with pytest.raises(ValueError, match=rf"'{name}' runs on {needed}s only; on this 'cpu' platform use one of "
+                                             rf"{re.escape(valid)}"):
+            multi_head_attention(q, k, v, 2, return_probs=maps, **kernels)
+    # A kernel the layer does not run is only checked for its name.
+    out, _ = multi_head_attention(q, k, v, 2, map_implementation="pallas")
+    assert out.shape == q.shape
+    for kernels, error in ((dict(implementation="splash2"), r"unknown attention kernel 'splash2'; valid: \('xla', "),
+                           (dict(map_implementation="cudnn"), r"unknown map attention kernel 'cudnn'; valid: "
+                                                              r"\('xla', 'pallas'\)")):
+        with pytest.raises(ValueError, match=error):
+            multi_head_attention(q, k, v, 2, **kernels)
+
+
+def test_pallas_kernels_refuse_causal_attention_and_the_high_matmul_precision():
+    q, k, v = _inputs(CASES[0])
+    interpreted = PallasOptions(interpret=True)
+    with pytest.raises(ValueError, match="causal attention is not supported by the 'splash' kernel"):
+        multi_head_attention(q, k, v, 2, causal=True, implementation="splash", pallas=interpreted)
+    with jax.default_matmul_precision("high"), pytest.raises(
+            ValueError, match="matmul precision 'high' is not available in the Pallas kernel 'pallas'"):
+        multi_head_attention(q, k, v, 2, return_probs=True, map_implementation="pallas", pallas=interpreted)
+
+
+def test_attention_layer_runs_the_kernels_its_compute_names():
+    """The layer hands compute.attention, compute.map_attention and the Pallas options to multi_head_attention:
+    with the Pallas kernels (interpreted, tiles of 128) it gives our core's output and map."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((1, 200, 64)), jnp.float32)
+    context = jnp.asarray(rng.standard_normal((1, 77, 48)), jnp.float32)
+    layer = Attention(num_heads=2, head_dim=32)
+    params = layer.init(jax.random.key(0), x, context)
+    kernels = Attention(num_heads=2, head_dim=32, compute=Compute(
+        attention="splash", map_attention="pallas", attention_block_q=128, attention_block_kv=128,
+        pallas_interpret=True))
+    for maps in (False, True):
+        want, want_map = layer.apply(params, x, context, return_probs=maps)
+        got, got_map = kernels.apply(params, x, context, return_probs=maps)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+        if maps:
+            np.testing.assert_allclose(np.asarray(got_map), np.asarray(want_map), rtol=1e-5, atol=1e-7)

@@ -4,9 +4,13 @@ The core computes attention heads-first, (B, heads, L, D), with an explicit back
 custom VJP: dS = P * (dP - rowsum(dO * O))). Values and gradients are those of the textbook formula; the
 backward pass keeps one (B, heads, Lq, Lk) array where autodiff of the softmax keeps more (BENCHMARKS.md has
 what that saves in the train step). The head-averaged softmax probabilities are returned when asked for (the
-cross-attention maps), softmax in float32 always. `implementation='dot_product'` or `'cudnn'` hands the layers
-that return no probabilities to `jax.nn.dot_product_attention` instead (with 'cudnn', its fused GPU kernel, which
-never materialises the scores).
+cross-attention maps), softmax in float32 always.
+
+Other kernels (`implementation`, `map_implementation`; `vpd_jax.models.compute` lists them with their platforms):
+the layers that return no probabilities may use `jax.nn.dot_product_attention` ('dot_product', or 'cudnn', its
+fused GPU kernel) or JAX's Pallas TPU kernels ('splash', 'flash'; `vpd_jax.models.kernels.tpu_attention`); the
+layers that return them may use our fused Pallas kernel ('pallas'; `vpd_jax.models.kernels.map_attention`), which
+never writes the per-head probabilities out. None of these materialises the scores.
 
 Otherwise the scores are materialised, (B, heads, Lq, Lk) float32 per layer, kept for the backward pass: at SD's
 64x64 latent 512 MiB per image and layer. `query_chunk` bounds that: a scan over query chunks whose body is
@@ -21,7 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vpd_jax.models.compute import Compute
+from vpd_jax.models.compute import (ATTENTION_KERNELS, MAP_ATTENTION_KERNELS, PALLAS_KERNELS, Compute, PallasOptions,
+                                    current_matmul_precision, matmul_precision_context)
+from vpd_jax.models.kernels.map_attention import map_attention
+from vpd_jax.models.kernels.tpu_attention import tpu_attention
 from vpd_jax.models.layers import Dense
 from vpd_jax.models.resize import bicubic
 
@@ -41,7 +48,9 @@ def multi_head_attention(
     return_probs: bool = False,
     upcast: bool = True,
     implementation: str = "xla",
+    map_implementation: str = "xla",
     query_chunk: int = 0,
+    pallas: PallasOptions = PallasOptions(),
 ) -> tuple[jax.Array, jax.Array | None]:
     """Scaled dot-product attention over (B, L, heads * head_dim) projections.
 
@@ -51,10 +60,15 @@ def multi_head_attention(
       causal: mask keys after the query position (CLIP's text encoder).
       return_probs: also return the softmax probabilities averaged over heads, (B, Lq, Lk), float32.
       upcast: compute logits and softmax in float32 (diffusers `upcast_attention`/`upcast_softmax`).
-      implementation: 'xla': our heads-first core (module docstring). 'dot_product' (JAX's choice) or 'cudnn':
-        where no probabilities are returned, `jax.nn.dot_product_attention` with that implementation.
-      query_chunk: > 0: where no probabilities are returned, attend `query_chunk` queries at a time (module
-        docstring); the result equals full attention up to float rounding. 0: all queries at once.
+      implementation: the kernel where no probabilities are returned: 'xla' (our heads-first core), 'dot_product'
+        (JAX's choice) or 'cudnn' (`jax.nn.dot_product_attention` with that implementation), 'splash' or 'flash'
+        (Pallas TPU kernels).
+      map_implementation: the kernel where probabilities are returned: 'xla' (our core) or 'pallas' (our fused
+        Pallas kernel).
+      query_chunk: > 0: where no probabilities are returned and the kernel is 'xla', 'dot_product' or 'cudnn',
+        attend `query_chunk` queries at a time (module docstring); the result equals full attention up to float
+        rounding. 0: all queries at once. (The Pallas kernels tile the queries themselves.)
+      pallas: the Pallas kernels' tile sizes, and whether they run in the Pallas interpreter (any platform).
     Returns:
       (output (B, Lq, H*Dv) in v's dtype, head-averaged probabilities or None).
     """
@@ -64,10 +78,12 @@ def multi_head_attention(
     if query_chunk and q_len > query_chunk and causal and not return_probs:
         raise ValueError("query_chunk with causal attention is not supported")
 
-    if implementation not in _DOT_PRODUCT_IMPLEMENTATIONS and implementation != "xla":
-        raise ValueError(f"unknown attention implementation {implementation!r}; valid: 'xla', "
-                         f"{', '.join(map(repr, _DOT_PRODUCT_IMPLEMENTATIONS))}")
-    if implementation != "xla" and not return_probs:
+    kernel = map_implementation if return_probs else implementation
+    _check_kernel(implementation, ATTENTION_KERNELS, "attention kernel", kernel, pallas.interpret)
+    _check_kernel(map_implementation, MAP_ATTENTION_KERNELS, "map attention kernel", kernel, pallas.interpret)
+    if kernel in PALLAS_KERNELS:
+        _check_pallas_call(kernel, causal)
+    if kernel in _DOT_PRODUCT_IMPLEMENTATIONS:
         def split(t):  # (B, L, H, D), jax.nn.dot_product_attention's layout
             return t.reshape(*t.shape[:2], num_heads, t.shape[-1] // num_heads)
 
@@ -75,19 +91,49 @@ def multi_head_attention(
 
         def attend(queries):
             return jax.nn.dot_product_attention(queries, kh, vh, scale=scale, is_causal=causal,
-                                                implementation=_DOT_PRODUCT_IMPLEMENTATIONS[implementation])
+                                                implementation=_DOT_PRODUCT_IMPLEMENTATIONS[kernel])
 
         return _by_query_chunks(attend, split(q), query_chunk, axis=1).reshape(batch, q_len, -1), None
 
     qh, kh, vh = (_heads_first(t, num_heads) for t in (q, k, v))
-    if return_probs:
-        out, probs = _attention(qh, kh, vh, scale, causal, True, upcast)
+    precision = current_matmul_precision()
+    if kernel == "pallas":
+        out, probs = map_attention(qh, kh, vh, scale=scale, options=pallas)
+    elif kernel in PALLAS_KERNELS:
+        out, probs = tpu_attention(qh, kh, vh, kernel=kernel, scale=scale, options=pallas), None
+    elif return_probs:
+        out, probs = _attention(qh, kh, vh, scale, causal, True, upcast, precision)
     else:
         def attend(queries):
-            return _attention(queries, kh, vh, scale, causal, False, upcast)[0]
+            return _attention(queries, kh, vh, scale, causal, False, upcast, precision)[0]
 
         out, probs = _by_query_chunks(attend, qh, query_chunk, axis=2), None
     return jnp.swapaxes(out, 1, 2).reshape(batch, q_len, -1), probs
+
+
+def _check_pallas_call(kernel: str, causal: bool) -> None:
+    if causal:
+        raise ValueError(f"causal attention is not supported by the {kernel!r} kernel; use 'xla'")
+    precision = current_matmul_precision()
+    # Mosaic, the TPU kernel compiler, takes the default and the highest matmul precision, not 'high' (bf16_3x).
+    if precision is not None and jax.lax.Precision(precision) == jax.lax.Precision.HIGH:
+        raise ValueError(f"matmul precision {precision!r} is not available in the Pallas kernel {kernel!r}; use "
+                         "'default' or 'highest'")
+
+
+def _check_kernel(name: str, kernels: dict, what: str, running: str, interpret: bool) -> None:
+    """`name` is one of `kernels` (kernel -> the platform it needs); if it is the kernel `running`, this platform
+    has it (or `interpret` runs it, a Pallas kernel, in the interpreter)."""
+    if name not in kernels:
+        raise ValueError(f"unknown {what} {name!r}; valid: {tuple(kernels)}")
+    platform = jax.default_backend()
+    needed = kernels[name]
+    if name != running or needed in (None, platform) or (interpret and name in PALLAS_KERNELS):
+        return
+    here = tuple(kernel for kernel, needs in kernels.items() if needs in (None, platform))
+    hint = " (or pallas_interpret=True: the Pallas interpreter, slow, for tests)" if name in PALLAS_KERNELS else ""
+    raise ValueError(f"{what} {name!r} runs on {needed.upper()}s only; on this {platform!r} platform use one of "
+                     f"{here}{hint}")
 
 
 def _heads_first(t: jax.Array, num_heads: int) -> jax.Array:
@@ -127,36 +173,39 @@ def _probabilities(qh, kh, scale: float, causal: bool, upcast: bool) -> jax.Arra
     return jax.nn.softmax(logits.astype(softmax_dtype), axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _attention(qh, kh, vh, scale: float, causal: bool, return_probs: bool, upcast: bool):
-    """(B, H, Lq, Dv) output in v's dtype, and (B, Lq, Lk) head-mean probabilities or None."""
-    return _attention_forward(qh, kh, vh, scale, causal, return_probs, upcast)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _attention(qh, kh, vh, scale: float, causal: bool, return_probs: bool, upcast: bool, precision: str | None):
+    """(B, H, Lq, Dv) output in v's dtype, and (B, Lq, Lk) head-mean probabilities or None. `precision`: the
+    matmul precision the forward pass is traced under, for tracing the backward pass (`current_matmul_precision`)."""
+    return _attention_forward(qh, kh, vh, scale, causal, return_probs, upcast, precision)[0]
 
 
-def _attention_forward(qh, kh, vh, scale, causal, return_probs, upcast):
+def _attention_forward(qh, kh, vh, scale, causal, return_probs, upcast, precision):
+    del precision  # in effect already
     probs = _probabilities(qh, kh, scale, causal, upcast)
     out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(vh.dtype), vh)
     return (out, probs.mean(axis=1) if return_probs else None), (qh, kh, vh, probs, out)
 
 
-def _attention_backward(scale, causal, return_probs, upcast, residuals, cotangents):
+def _attention_backward(scale, causal, return_probs, upcast, precision, residuals, cotangents):
     """With P the probabilities and dP = dO V^T (+ the head-mean map's cotangent / H): dV = P^T dO,
     dS = scale * P * (dP - rowsum(P * dP)), dQ = dS K, dK = dS^T Q. Without a map cotangent rowsum(P * dP) is
-    rowsum(dO * O), a pass over (Lq, Dv) instead of (Lq, Lk)."""
+    rowsum(dO * O), a pass over (Lq, Dv) instead of (Lq, Lk). Traced under the forward pass's matmul precision."""
     del causal, upcast  # masked positions have P = 0, hence dS = 0
     qh, kh, vh, probs, out = residuals
     d_out, d_map = cotangents
     wide = probs.dtype  # float32, or the inputs' dtype if wider
-    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs, d_out.astype(wide)).astype(vh.dtype)
-    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, vh, preferred_element_type=wide)
-    if return_probs:
-        d_probs = d_probs + d_map[:, None].astype(wide) / probs.shape[1]
-        row = jnp.sum(probs * d_probs, axis=-1, keepdims=True)
-    else:
-        row = jnp.sum(d_out.astype(wide) * out.astype(wide), axis=-1, keepdims=True)
-    d_logits = probs * (d_probs - row) * scale
-    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, kh.astype(wide)).astype(qh.dtype)
-    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, qh.astype(wide)).astype(kh.dtype)
+    with matmul_precision_context(precision):
+        d_v = jnp.einsum("bhqk,bhqd->bhkd", probs, d_out.astype(wide)).astype(vh.dtype)
+        d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, vh, preferred_element_type=wide)
+        if return_probs:
+            d_probs = d_probs + d_map[:, None].astype(wide) / probs.shape[1]
+            row = jnp.sum(probs * d_probs, axis=-1, keepdims=True)
+        else:
+            row = jnp.sum(d_out.astype(wide) * out.astype(wide), axis=-1, keepdims=True)
+        d_logits = probs * (d_probs - row) * scale
+        d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, kh.astype(wide)).astype(qh.dtype)
+        d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, qh.astype(wide)).astype(kh.dtype)
     return d_q, d_k, d_v
 
 
@@ -168,7 +217,8 @@ class Attention(nn.Module):
 
     Self-attention when `context` is None, cross-attention otherwise. Returns (output, head-mean probs or None).
     `compute.attention` and `compute.attention_query_chunk` choose how the layer attends when it returns no
-    probabilities (`multi_head_attention`'s `implementation` and `query_chunk`).
+    probabilities, `compute.map_attention` when it returns them (`multi_head_attention`'s `implementation`,
+    `query_chunk` and `map_implementation`; `compute.pallas` its `pallas`).
     """
 
     num_heads: int
@@ -188,7 +238,8 @@ class Attention(nn.Module):
         out, probs = multi_head_attention(
             q, k, v, self.num_heads, return_probs=return_probs,
             upcast=self.upcast or self.compute.dtype != jnp.float32, implementation=self.compute.attention,
-            query_chunk=self.compute.attention_query_chunk)
+            map_implementation=self.compute.map_attention, query_chunk=self.compute.attention_query_chunk,
+            pallas=self.compute.pallas)
         out = Dense(x.shape[-1], axes=("heads", "embed"), name="to_out_0", **dense)(out)
         return out, probs
 

@@ -8,11 +8,22 @@ Fields (the `config.compute` section holds the same names as strings; `Compute.f
   attention_query_chunk   0: every attention layer attends all its queries at once (as the references). N > 0:
                           the UNet's layers that record no map attend N queries at a time (a scan with a
                           rematerialised body): the same result with one chunk's scores in memory at a time.
-  attention               the kernel of the UNet's attention layers that record no map (a recorded map always
-                          needs the probabilities, which only our core returns):
+                          (The Pallas kernels tile the queries themselves and ignore it.)
+  attention               the kernel of the UNet's attention layers that record no map:
                             'xla'          our heads-first core with its written-out backward pass (default)
                             'dot_product'  jax.nn.dot_product_attention, JAX's choice of implementation
                             'cudnn'        jax.nn.dot_product_attention's cuDNN flash kernel (GPUs only)
+                            'splash'       JAX's Pallas splash attention kernel (TPUs only)
+                            'flash'        JAX's Pallas flash attention kernel (TPUs only)
+  map_attention           the kernel of the attention layers that record a map (VPD's cross-attention maps):
+                            'xla'          our core, which returns the probabilities (default)
+                            'pallas'       our fused Pallas kernel: output and head-averaged map in one pass,
+                                           never writing the per-head probabilities out (TPUs only)
+  attention_block_q       query and key tile sizes of the Pallas kernels (multiples of 128; a sequence shorter
+  attention_block_kv      than a tile is one tile; the map kernel holds all keys at once). Forward and backward
+                          passes use the same tiles.
+  pallas_interpret        run the Pallas kernels in the Pallas interpreter, on any platform: slow, for tests and
+                          for checking a TPU configuration on a CPU.
   matmul_precision        precision of float32 matmuls and convolutions while the model is traced:
                           'default' (the platform's: bfloat16 passes on a TPU, TF32 on Ampere+ GPUs, full float32
                           on a CPU), 'high', 'highest' (full float32 everywhere). See `precision_scope`.
@@ -37,8 +48,42 @@ REMAT_POLICIES = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
-ATTENTION_KERNELS = ("xla", "dot_product", "cudnn")
+# Attention kernel -> the platform (jax.default_backend()) it needs; None: any.
+ATTENTION_KERNELS = {"xla": None, "dot_product": None, "cudnn": "gpu", "splash": "tpu", "flash": "tpu"}
+MAP_ATTENTION_KERNELS = {"xla": None, "pallas": "tpu"}
+PALLAS_KERNELS = ("splash", "flash", "pallas")  # the kernels `pallas_interpret` runs on any platform
+TILE = 128  # the Pallas kernels' tile sizes are multiples of the TPU's 128 lanes
 MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasOptions:
+    """What the Pallas attention kernels take from a `Compute`: tile sizes and the interpreter switch."""
+
+    block_q: int = 512
+    block_kv: int = 512
+    interpret: bool = False
+
+    def __post_init__(self):
+        check_tile("block_q", self.block_q)
+        check_tile("block_kv", self.block_kv)
+
+
+def check_tile(name: str, size: int) -> None:
+    if size <= 0 or size % TILE:
+        raise ValueError(f"{name}={size} must be a positive multiple of {TILE}")
+
+
+def current_matmul_precision() -> str | None:
+    """The float32 matmul precision in effect where this runs (None: the platform's default). A custom VJP's
+    backward pass is traced after the forward pass has left the model's `precision_scope`: it reads this in the
+    forward pass and traces its backward pass under `matmul_precision_context` of it."""
+    return jax.config.jax_default_matmul_precision
+
+
+def matmul_precision_context(precision: str | None):
+    """A context that sets the float32 matmul precision (nothing for None)."""
+    return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +93,10 @@ class Compute:
     remat_policy: str | None = None
     attention_query_chunk: int = 0
     attention: str = "xla"
+    map_attention: str = "xla"
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
+    pallas_interpret: bool = False
     matmul_precision: str = "default"
 
     def __post_init__(self):
@@ -57,7 +106,12 @@ class Compute:
             raise ValueError(f"attention_query_chunk={self.attention_query_chunk} must be >= 0 (0: all queries at "
                              "once)")
         if self.attention not in ATTENTION_KERNELS:
-            raise ValueError(f"unknown attention kernel {self.attention!r}; valid: {ATTENTION_KERNELS}")
+            raise ValueError(f"unknown attention kernel {self.attention!r}; valid: {tuple(ATTENTION_KERNELS)}")
+        if self.map_attention not in MAP_ATTENTION_KERNELS:
+            raise ValueError(f"unknown map attention kernel {self.map_attention!r}; valid: "
+                             f"{tuple(MAP_ATTENTION_KERNELS)}")
+        check_tile("attention_block_q", self.attention_block_q)
+        check_tile("attention_block_kv", self.attention_block_kv)
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise ValueError(f"unknown matmul precision {self.matmul_precision!r}; valid: {MATMUL_PRECISIONS}")
 
@@ -66,11 +120,14 @@ class Compute:
         """The keyword arguments of a leaf layer: dtype and param_dtype."""
         return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
+    @property
+    def pallas(self) -> PallasOptions:
+        """The Pallas kernels' tile sizes and interpreter switch."""
+        return PallasOptions(self.attention_block_q, self.attention_block_kv, self.pallas_interpret)
+
     def precision_scope(self):
         """A context for tracing the model under `matmul_precision` (nothing for 'default')."""
-        if self.matmul_precision == "default":
-            return contextlib.nullcontext()
-        return jax.default_matmul_precision(self.matmul_precision)
+        return matmul_precision_context(None if self.matmul_precision == "default" else self.matmul_precision)
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], where: str = "config.compute") -> "Compute":

@@ -20,7 +20,11 @@ their task and paper need. Field meanings:
                        record no map attend N queries at a time, each chunk's scores recomputed in the backward
                        pass: the same result with far less memory where no fused attention kernel exists
                        (BENCHMARKS.md measures time and memory)
-    attention          kernel of the attention layers that record no map: 'xla' | 'dot_product' | 'cudnn'
+    attention          kernel of the attention layers that record no map: 'xla' | 'dot_product' | 'cudnn' (GPU) |
+                       'splash' | 'flash' (Pallas, TPU)
+    map_attention      kernel of the attention layers that record a map: 'xla' | 'pallas' (fused Pallas kernel, TPU)
+    attention_block_q, attention_block_kv  the Pallas kernels' query and key tiles (multiples of 128)
+    pallas_interpret   run the Pallas kernels in the interpreter, on any platform (slow: tests, CPU checks)
     matmul_precision   'default' | 'high' | 'highest' (float32 matmul passes on TPUs / GPUs)
   batch_size           global training batch (split evenly over hosts)
   eval_batch_size      global eval batch
@@ -53,7 +57,9 @@ from vpd_jax.tasks.registry import task_class
 def compute_config() -> ml_collections.ConfigDict:
     """The config.compute section (vpd_jax.models.compute.Compute, as strings)."""
     return ml_collections.ConfigDict(dict(dtype="float32", param_dtype="float32", remat_policy="",
-                                          attention_query_chunk=0, attention="xla", matmul_precision="default"))
+                                          attention_query_chunk=0, attention="xla", map_attention="xla",
+                                          attention_block_q=512, attention_block_kv=512, pallas_interpret=False,
+                                          matmul_precision="default"))
 
 
 def base_config(task: str, data_name: str) -> ml_collections.ConfigDict:
