@@ -2,8 +2,9 @@
 the paper's PhraseCut test table reports mIoU / IoU_FG / AP, here mIoU@0.3, IoU_FG@0.3, IoU_FG@0.5 and AP, spec 4.1;
 the spec does not record the paper's numbers: check the paper before comparing).
 
-Reference run (spec 0, 3.2): SD v1.4 (`config.init`: a diffusers folder or sd-v1-4-full-ema.ckpt; its non-EMA UNet
-initialises ZNet with conv_out sliced to channel 0 and is the frozen feature extractor), CLIP ViT-L/14, 384x384
+Reference run (spec 0, 3.2): SD v1.4 (`config.init`: sd-v1-4-full-ema.ckpt, whose non-EMA UNet, as the reference's,
+initialises ZNet with conv_out sliced to channel 0 and is the frozen feature extractor (`model.compvis_unet`); a
+diffusers folder gives the UNet it was exported with; docs/fidelity.md), CLIP ViT-L/14, 384x384
 square crops, batch 4 per GPU (the GPU count is not recorded; we take 8, i.e. global batch 32), AdamW
 (0.9, 0.999, 1e-8) wd 0.01 on everything trained, lr = 5e-7 x global batch (1.6e-5 at 32; it follows
 --config.batch_size unless --config.optim.lr is given), EMA 0.9999 used for evaluation. Documented replacements:

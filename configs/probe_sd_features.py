@@ -15,8 +15,8 @@ run without the report is `python train.py --config=configs/probe_sd_features.py
 
   Arguments: (none) any SD v1.x / v2.x checkpoint in config.init (a diffusers pipeline root or a CompVis file with
   --config.model.text_encoder / tokenizer folders) on PhraseCut: 384 px, global batch 16, 3,000 steps (48k phrase
-  examples, about half an epoch of PhraseCut train), evaluated on 2,000 examples of the validation split; the 7 taps of
-  `vpd_jax.models.probe.default_taps` (the last transformer of every cross-attention block) x 10 timesteps 0, 100, ..., 900 (70
+  examples, about half an epoch of PhraseCut train), evaluated on 2,000 examples of the validation split; the paper's
+  probes: the 16 spatial transformers of `vpd_jax.models.probe.default_taps` x 10 timesteps 0, 100, ..., 900 (160
   probes; each step runs the UNet on 10 x 16 latents). 'smoke' a tiny random UNet on vpd_shapes phrases with the
   hash tokenizer: 3 taps x 2 timesteps, a CPU finishes it in a couple of minutes.
 

@@ -2,11 +2,17 @@
 63.93 / 63.12).
 
 Reference run: SD v1.5 with its CLIP text encoder (frozen), 512x512 squashed images, CLIP tokens L = 40
-(RefCOCO, RefCOCO+) or 77 (RefCOCOg umd), global batch 32 (8 GPUs x 4), 40 epochs over the refs, AdamW 5e-5
-(UNet effectively x1), wd 1e-2, poly(0.9) per iteration; evaluation per sentence at 512x512.
+(RefCOCO, RefCOCO+) or 77 (RefCOCOg umd) of REFER's sentences, global batch 32 (8 GPUs x 4), 40 epochs over the
+refs (each a fresh permutation of all of them, data.sample_order), AdamW 5e-5 (UNet effectively x1), wd 1e-2,
+poly(0.9) per iteration; evaluation per sentence at 512x512.
 
   python train.py --config=configs/vpd_refer.py:refcoco --workdir=runs/refer_refcoco \\
-      --config.init=/path/to/stable-diffusion-v1-5 --config.data.data_dir=/path/to/tfds
+      --config.init=/path/to/stable-diffusion-v1-5 --config.data.data_dir=/path/to/tfds \\
+      --config.data.refer_sentences=/path/to/refcoco.json
+
+  data.refer_sentences: the refcoco.json TFDS' ref_coco was built from; it holds REFER's own sentences (`sent`),
+  which VPD feeds to CLIP. Without it the sentences are TFDS' text lower-cased with punctuation removed, which
+  misses REFER's manual corrections (vpd_jax/data/refer_text.py, docs/fidelity.md).
 
   Arguments: 'refcoco' | 'refcoco+' | 'refcocog' (default refcoco); 'smoke' a tiny scratch run on vpd_shapes.
   The text encoder and tokenizer come from the `init` pipeline root unless config.model.text_encoder /

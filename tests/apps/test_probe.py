@@ -186,7 +186,11 @@ def test_config_checks():
     config.eval.metric = "accuracy"
     with pytest.raises(ValueError, match="config.eval.metric"):
         make_task(config, arch)
-    assert get_config().model.taps == () and len(probe_model.default_taps(architecture("sd15").unet)) == 7
+    # The paper's set: all 16 spatial transformers of SD v1 (LDM input_blocks 1, 2, 4, 5, 7, 8, the middle block,
+    # output_blocks 3-11), encoder to decoder.
+    paper_taps = ([f"down_blocks.{i}.attentions.{j}" for i in range(3) for j in range(2)] + ["mid_block.attentions.0"]
+                  + [f"up_blocks.{i}.attentions.{j}" for i in (1, 2, 3) for j in range(3)])
+    assert get_config().model.taps == () and probe_model.default_taps(architecture("sd15").unet) == tuple(paper_taps)
     with pytest.raises(ValueError, match="unknown config argument 'x'"):
         get_config("x")
 

@@ -106,15 +106,6 @@ def rectangle(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
     return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
 
 
-def rectangle_mask(h, w, rects) -> np.ndarray:
-    """Pixels (r, c) strictly inside any of the half-integer rectangles (x0, y0, x1, y1)."""
-    rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
-    mask = np.zeros((h, w), dtype=bool)
-    for x0, y0, x1, y1 in rects:
-        mask |= (cols > x0) & (cols < x1) & (rows > y0) & (rows < y1)
-    return mask
-
-
 def phrasecut_task(image_id: int, ann_ids: list[int], phrase: str, instances: list[list[tuple]]) -> dict:
     """A task in the VGPhraseCut format; `instances` is a list of rectangles lists (one list per instance)."""
     name = phrase.split()[-1]
@@ -140,19 +131,24 @@ PHRASECUT_TASKS = {
         phrasecut_task(101, [1], "white plate", [[(2.5, 3.5, 20.5, 15.5)]]),
         phrasecut_task(101, [2, 3], "cars", [[(25.5, 20.5, 45.5, 35.5)], [(1.5, 30.5, 10.5, 38.5), (12.5, 30.5, 14.5, 33.5)]]),
         phrasecut_task(102, [4], "tree", [[(0.5, 0.5, 29.5, 10.5)]]),
+        phrasecut_task(102, [10], "bench", [[(2, 12, 8, 20)]]),  # integer vertices: edges and corners inside
         phrasecut_task(150417, [5], "sky", [[(0.5, 0.5, 10.5, 10.5)]]),
     ],
     "validation": [phrasecut_task(102, [6], "man on left", [[(3.5, 12.5, 9.5, 34.5)]])],
-    "test": [phrasecut_task(101, [7], "red sign", [[(30.5, 2.5, 44.5, 12.5)]]),
+    "test": [phrasecut_task(101, [7], "red sign", [[(30, 2, 44, 12)]]),
+             phrasecut_task(101, [11], "ghost", [[(100.5, 100.5, 120.5, 120.5)]]),  # outside: an empty mask
              phrasecut_task(102, [8, 9], "windows", [[(2.5, 2.5, 6.5, 6.5)], [(20.5, 2.5, 26.5, 8.5)]])],
 }
 _PHRASECUT_FILES = {"train": "refer_train.json", "validation": "refer_val.json", "test": "refer_test.json"}
 
 
 def phrasecut_expected_mask(task: dict) -> np.ndarray:
-    h, w = PHRASECUT_IMAGES[task["image_id"]]
-    rects = [(p[0][0], p[0][1], p[2][0], p[2][1]) for polys in task["Polygons"] for p in polys]
-    return rectangle_mask(h, w, rects)
+    """LD-ZNet's mask: skimage's polygon2mask of every polygon's (y, x) points, united."""
+    from skimage.draw import polygon2mask
+
+    shape = PHRASECUT_IMAGES[task["image_id"]]
+    masks = [polygon2mask(shape, np.asarray(polygon)[:, ::-1]) for polygons in task["Polygons"] for polygon in polygons]
+    return np.stack(masks).max(0)
 
 
 def write_phrasecut(manual_dir: str, seed: int = 0, tasks: dict | None = None) -> None:
@@ -180,21 +176,53 @@ def _jpeg(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-# image id -> (size, [(ann id, rectangle (r0, r1, c0, c1), [(sentence id, sentence), ...]), ...])
+# Sentences whose REFER `raw` and `sent` are known (REFER's refs: ref 0 of RefCOCO unc, and the refcocog example
+# of REFER's format notes). The second needs REFER's own text: no rule on `raw` turns "w" into "with".
+REFER_SENT = {
+    "THE LADY WITH THE BLUE SHIRT": "the lady with the blue shirt",
+    "lady w back to us": "lady with back to us",
+    "The nurse in the picture.": "the nurse in the picture",
+    "A woman with blond hair wearing a blue shirt.": "a woman with blond hair wearing a blue shirt",
+}
+
+# image id -> (size, [(ann id, rectangle (r0, r1, c0, c1), [(sentence id, raw sentence), ...]), ...])
 REFCOCO_IMAGES = {
     "train": {
         11: ((30, 40), [(501, (2, 12, 3, 20), [(9001, "man on the left"), (9002, "left guy")]),
                         (502, (10, 28, 22, 38), [(9003, "right woman"), (9004, "woman in red"), (9005, "lady")])]),
         12: ((24, 24), [(503, (0, 10, 0, 10), [(9006, "top left box")])]),
         13: ((20, 36), [(504, (5, 15, 5, 30), [(9007, "long table"), (9008, "table")]),
-                        (505, (0, 4, 0, 4), [(9009, "tiny corner")])]),
+                        (505, (0, 4, 0, 4), [(9009, "The nurse in the picture.")])]),
     },
     "validation": {
-        21: ((32, 32), [(601, (4, 20, 4, 20), [(9101, "dog"), (9102, "brown dog")]),
+        21: ((32, 32), [(601, (4, 20, 4, 20), [(9101, "THE LADY WITH THE BLUE SHIRT"), (9102, "lady w back to us")]),
                         (602, (20, 30, 1, 31), [(9103, "floor")])]),
-        22: ((28, 20), [(603, (1, 27, 1, 9), [(9104, "door"), (9105, "white door"), (9106, "left door")])]),
+        22: ((28, 20), [(603, (1, 27, 1, 9), [(9104, "door"), (9105, "A woman with blond hair wearing a blue shirt."),
+                                              (9106, "left door")])]),
     },
 }
+
+
+def refer_sent(raw: str) -> str:
+    """REFER's `sent` of a fixture sentence."""
+    return REFER_SENT.get(raw, raw)
+
+
+def write_refcoco_json(path: str) -> str:
+    """The refcoco.json TFDS' ref_coco is built from ({'ref': [...]}: REFER refs with dataset, partition and
+    sentences), for REFCOCO_IMAGES as RefCOCO unc, plus RefCOCO+ refs with the same sentence ids (another text)."""
+    refs = []
+    for split, images in REFCOCO_IMAGES.items():
+        for image_id, (_, objects) in images.items():
+            for ann_id, _, sentences in objects:
+                for dataset, text in (("refcoco", refer_sent), ("refcoco+", lambda raw: "not this one")):
+                    refs.append({"dataset": dataset, "dataset_partition": "unc", "split": split, "ref_id": ann_id,
+                             "image_id": image_id, "ann_id": ann_id,
+                             "sentences": [{"sent_id": i, "raw": raw, "sent": text(raw), "tokens": text(raw).split()}
+                                           for i, raw in sentences]})
+    with open(path, "w") as f:
+        json.dump({"ref": refs, "coco_anns": {}}, f)
+    return path
 
 
 def rect_mask(size, rect) -> np.ndarray:

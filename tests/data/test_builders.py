@@ -204,50 +204,63 @@ def test_real_vpd_lists_and_class_order():
 # --------------------------------------------------------------------------------------------------
 # phrasecut
 # --------------------------------------------------------------------------------------------------
-def test_phrasecut_one_example_per_task_with_union_mask(tmp_path, caplog):
+def test_phrasecut_one_example_per_image_with_each_phrases_union_mask(tmp_path, caplog):
     manual = tmp_path / "manual"
     fixtures.write_phrasecut(str(manual))
     with caplog.at_level(logging.INFO):
         builder = build(Phrasecut, tmp_path, manual)
     assert 150417 in REFERENCE_EXCLUDED_IMAGE_IDS
     assert any("excluded 1 task(s)" in r.getMessage() for r in caplog.records)
+    assert any("phrasecut (test): 1 phrase(s) with an empty mask, kept" in r.getMessage() for r in caplog.records)
     for split, tasks in fixtures.PHRASECUT_TASKS.items():
         kept = {t["task_id"]: t for t in tasks if t["image_id"] not in REFERENCE_EXCLUDED_IMAGE_IDS}
         examples = read_all(builder, split)
-        assert sorted(e["task_id"].decode() for e in examples) == sorted(kept)
+        assert sorted(e["image_id"] for e in examples) == sorted({t["image_id"] for t in kept.values()})
+        seen = []
         for e in examples:
-            task = kept[e["task_id"].decode()]
-            assert e["phrase"].decode() == task["phrase"] and e["image_id"] == task["image_id"]
-            assert e["mask"].dtype == np.uint8 and e["mask"].shape == (*fixtures.PHRASECUT_IMAGES[task["image_id"]], 1)
-            np.testing.assert_array_equal(e["mask"][..., 0], fixtures.phrasecut_expected_mask(task).astype(np.uint8))
+            for phrase, task_id, mask in zip(e["phrases"]["phrase"], e["phrases"]["task_id"], e["phrases"]["mask"]):
+                task = kept[task_id.decode()]
+                assert phrase.decode() == task["phrase"] and e["image_id"] == task["image_id"]
+                assert mask.dtype == np.uint8 and mask.shape == (*fixtures.PHRASECUT_IMAGES[task["image_id"]], 1)
+                np.testing.assert_array_equal(mask[..., 0], fixtures.phrasecut_expected_mask(task).astype(np.uint8))
+                seen.append(task["task_id"])
+        assert sorted(seen) == sorted(kept)  # empty masks included
 
 
-def test_polygon_mask_is_even_odd_at_pixel_centres():
-    triangle = [[0.5, 0.5], [8.5, 0.5], [0.5, 8.5]]
-    mask = polygon_mask(triangle, 10, 10)
-    rows, cols = np.mgrid[:10, :10]
-    np.testing.assert_array_equal(mask, (cols > 0.5) & (rows > 0.5) & (cols + rows < 9))
-    assert not polygon_mask([[0, 0], [5, 5]], 10, 10).any()  # fewer than 3 points: no area
+def test_polygon_mask_counts_edges_and_vertices_as_inside():
+    """LD-ZNet's polygon2mask rule: the square with corners (1, 1) and (5, 5) covers 25 pixels (a half-open fill
+    would cover 16), and the masks equal skimage's for integer and non-integer vertices."""
+    from skimage.draw import polygon2mask
+
+    square = [[1, 1], [5, 1], [5, 5], [1, 5]]
+    assert polygon_mask(square, 8, 8).sum() == 25
+    np.testing.assert_array_equal(np.nonzero(polygon_mask(square, 8, 8).any(0))[0], [1, 2, 3, 4, 5])
+    rng = np.random.default_rng(0)
+    for trial in range(600):
+        h, w = rng.integers(1, 24, 2)
+        points = rng.uniform(-3, 27, (rng.integers(1, 8), 2))
+        if trial % 3 == 0:
+            points = np.round(points)  # integer vertices: pixel centres on edges and corners
+        elif trial % 3 == 1:
+            points = np.round(points * 2) / 2
+        reference = polygon2mask((h, w), points[:, ::-1])  # (y, x) points, as LD-ZNet's loader
+        np.testing.assert_array_equal(polygon_mask(points.tolist(), h, w), reference, err_msg=str(points))
     assert not polygon_mask(fixtures.rectangle(20.5, 20.5, 30.5, 30.5), 10, 10).any()  # outside the image
 
 
-@pytest.mark.parametrize("problem", ["missing", "unreadable", "empty"])
+@pytest.mark.parametrize("problem", ["missing", "unreadable"])
 def test_phrasecut_bad_input_raises_naming_the_file(tmp_path, problem):
     manual = tmp_path / "manual"
-    tasks = {k: list(v) for k, v in fixtures.PHRASECUT_TASKS.items()}
-    if problem == "empty":
-        tasks["validation"] = [fixtures.phrasecut_task(102, [77], "ghost", [[(100.5, 100.5, 120.5, 120.5)]])]
-    fixtures.write_phrasecut(str(manual), tasks=tasks)
+    fixtures.write_phrasecut(str(manual))
     image = manual / "images" / "102.jpg"
     if problem == "missing":
         image.unlink()
-    elif problem == "unreadable":
+    else:
         image.write_bytes(b"no jpeg here")
-    message = {"missing": "file is missing", "unreadable": "unreadable image", "empty": "empty mask"}[problem]
-    named = "102__77" if problem == "empty" else str(image)
+    message = {"missing": "file is missing", "unreadable": "unreadable image"}[problem]
     with pytest.raises(BadInputError, match=message) as info:
         build(Phrasecut, tmp_path, manual)
-    assert named in str(info.value)
+    assert str(image) in str(info.value)
 
 
 def test_phrasecut_skip_policy_counts(tmp_path, caplog):
@@ -258,8 +271,9 @@ def test_phrasecut_skip_policy_counts(tmp_path, caplog):
     (manual / "images" / "102.jpg").unlink()
     with caplog.at_level(logging.WARNING):
         builder = build(Phrasecut, tmp_path, manual, on_bad_input="skip")
-    # Only the tasks on image 101 remain.
-    assert [builder.info.splits[s].num_examples for s in ("train", "validation", "test")] == [2, 1, 1]
+    # Only image 101 remains, with its tasks.
+    assert [builder.info.splits[s].num_examples for s in ("train", "validation", "test")] == [1, 1, 1]
+    assert [len(e["phrases"]["task_id"]) for e in read_all(builder, "train")] == [2]
     messages = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert any("phrasecut (train): skipped 1 bad example(s)" in m and "102.jpg" in m for m in messages)
 

@@ -79,33 +79,37 @@ EXPECTED_TRAIN = {
 
 
 @functools.lru_cache(maxsize=None)
-def train_dataset(task, shapes_dir, seed=0, copy=0):
-    """Built once per (task, seed, copy) for the module: pipeline construction is the slow part."""
+def train_dataset(task, shapes_dir, seed=0, copy=0, order="shuffle_buffer"):
+    """Built once per (task, seed, copy, order) for the module: pipeline construction is the slow part."""
     del copy  # distinct cache entries: two independent constructions from the same config
-    data = shapes_data(task, shapes_dir, seed=seed, shuffle_buffer=16)
+    data = shapes_data(task, shapes_dir, seed=seed, shuffle_buffer=16, sample_order=order)
     return pipelines.make_train_dataset(data, process_index=0, process_count=1)
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_same_seed_gives_identical_batches(task, shapes_dir):
-    first = DataIterator(train_dataset(task, shapes_dir), fake_tokenize, 40)
-    second = DataIterator(train_dataset(task, shapes_dir, copy=1), fake_tokenize, 40)
+# Every task with the shuffle buffer (vpd_shapes' default); the epoch permutation with a plain and a flattening source.
+ORDERS = [(task, "shuffle_buffer") for task in TASKS] + [("depth", "permutation"), ("refer", "permutation")]
+
+
+@pytest.mark.parametrize("task,order", ORDERS)
+def test_same_seed_gives_identical_batches(task, order, shapes_dir):
+    first = DataIterator(train_dataset(task, shapes_dir, order=order), fake_tokenize, 40)
+    second = DataIterator(train_dataset(task, shapes_dir, copy=1, order=order), fake_tokenize, 40)
     batches = [next(first) for _ in range(3)]
     assert {k: (v.shape, v.dtype) for k, v in batches[0].items()} == EXPECTED_TRAIN[task]
     for batch in batches:
         assert_batches_equal(batch, next(second))
-    other_seed = next(DataIterator(train_dataset(task, shapes_dir, seed=1), fake_tokenize, 40))
+    other_seed = next(DataIterator(train_dataset(task, shapes_dir, seed=1, order=order), fake_tokenize, 40))
     assert not np.array_equal(other_seed["image"], batches[0]["image"])
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_iterator_checkpoint_round_trip(task, shapes_dir, tmp_path):
-    it = DataIterator(train_dataset(task, shapes_dir), fake_tokenize, 40)
+@pytest.mark.parametrize("task,order", ORDERS)
+def test_iterator_checkpoint_round_trip(task, order, shapes_dir, tmp_path):
+    it = DataIterator(train_dataset(task, shapes_dir, order=order), fake_tokenize, 40)
     for _ in range(3):
         next(it)
     path = it.save(str(tmp_path / "process_0" / "ckpt"))
     expected = [next(it) for _ in range(3)]
-    restored = DataIterator(train_dataset(task, shapes_dir, copy=1), fake_tokenize, 40)
+    restored = DataIterator(train_dataset(task, shapes_dir, copy=1, order=order), fake_tokenize, 40)
     restored.restore(path)
     for batch in expected:
         assert_batches_equal(next(restored), batch)
@@ -120,18 +124,57 @@ def _refs_by_id(shapes_dir, split="train"):
     return refs
 
 
-def test_train_shards_are_disjoint_and_cover_the_split(shapes_dir):
+def _image_of_ref(shapes_dir, split="train"):
+    builder = tfds.builder("vpd_shapes/small", data_dir=shapes_dir)
+    return {int(ref_id): int(ex["image/id"]) for ex in tfds.as_numpy(builder.as_dataset(split=split))
+            for ref_id in ex["objects"]["id"]}
+
+
+@pytest.mark.parametrize("order", ["shuffle_buffer", "permutation"])
+def test_train_shards_are_disjoint_and_cover_the_split(order, shapes_dir):
     refs = _refs_by_id(shapes_dir)
     seen = []
     for index in range(2):
-        it = train_iterator(shapes_data("refer", shapes_dir, batch_size_per_host=8), process_index=index,
-                            process_count=2)
+        it = train_iterator(shapes_data("refer", shapes_dir, batch_size_per_host=8, sample_order=order),
+                            process_index=index, process_count=2)
         ids = set()
         for _ in range(2 * len(refs) // 8 + 2):  # at least one whole epoch of this host's half
             ids.update(int(r) for r in next(it)["ref_id"])
         seen.append(ids)
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(refs)
+
+
+def test_permutation_visits_every_element_once_per_epoch_in_a_new_order(shapes_dir):
+    """The references' DistributedSampler order: each epoch is a permutation of all the host's refs."""
+    size = len(_refs_by_id(shapes_dir))
+    it = train_iterator(shapes_data("refer", shapes_dir, batch_size_per_host=size, sample_order="permutation"))
+    epochs = [next(it)["ref_id"].tolist() for _ in range(3)]  # one batch = one epoch
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(_refs_by_id(shapes_dir))
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def _same_image_neighbours(ref_ids, image_of):
+    """The fraction of consecutive elements of the stream that are refs of one image."""
+    images = [image_of[r] for r in ref_ids]
+    return np.mean([a == b for a, b in zip(images[:-1], images[1:])])
+
+
+def test_refs_of_one_image_are_neighbours_with_the_buffer_but_not_with_the_permutation(shapes_dir):
+    """A shuffle buffer much smaller than the split (1,000 elements against RefCOCO's 42k refs) keeps the refs of
+    one image close, so batches often hold several; the permutation makes that as rare as chance."""
+    image_of = _image_of_ref(shapes_dir)
+    per_image = collections.Counter(image_of.values())
+    n = len(image_of)
+    by_chance = sum(c * (c - 1) for c in per_image.values()) / (n * (n - 1))  # a uniformly random order
+    rates = {}
+    for order in ("shuffle_buffer", "permutation"):
+        it = train_iterator(shapes_data("refer", shapes_dir, batch_size_per_host=n, sample_order=order,
+                                        shuffle_buffer=4))
+        rates[order] = np.mean([_same_image_neighbours(next(it)["ref_id"].tolist(), image_of) for _ in range(4)])
+    assert rates["shuffle_buffer"] > 4 * by_chance
+    assert rates["permutation"] < 2 * by_chance
 
 
 def test_refer_training_draws_one_of_the_refs_sentences_each_epoch(shapes_dir):
@@ -306,6 +349,13 @@ def refcoco_builder(tmp_path_factory):
     return fixtures.prepare(fixtures.RefCocoFixture(data_dir=str(tmp_path_factory.mktemp("refcoco"))))
 
 
+def _refcoco_eval_texts(builder, name="ref_coco/refcoco_unc", **overrides) -> dict[int, str]:
+    data = data_config_lib.data_config("refer", name, eval_batch_size_per_host=4, aug={"size": 32},
+                                       text_max_length=64, **overrides)  # whole sentences: no truncation
+    return {int(i): untokenize(t) for batch in eval_batches(data, 0, 1, builder=builder)
+            for i, t in zip(batch["sentence_id"][batch["valid"]], batch["tokens"][batch["valid"]])}
+
+
 def test_refcoco_eval_is_one_element_per_sentence_with_its_refs_mask(refcoco_builder):
     data = data_config_lib.data_config("refer", "ref_coco/refcoco_unc", eval_batch_size_per_host=4,
                                        aug={"size": 32})
@@ -314,34 +364,73 @@ def test_refcoco_eval_is_one_element_per_sentence_with_its_refs_mask(refcoco_bui
     for image_id, (size, refs) in fixtures.REFCOCO_IMAGES["validation"].items():
         for ann_id, rect, sentences in refs:
             for sentence_id, sentence in sentences:
-                expected[(ann_id, sentence_id)] = (image_id, sentence, fixtures.rect_mask(size, rect))
+                expected[(ann_id, sentence_id)] = (image_id, fixtures.rect_mask(size, rect))
     seen = set()
     for batch in eval_batches(data, 0, 1, builder=refcoco_builder):
         for i in np.nonzero(batch["valid"])[0]:
             key = (int(batch["ref_id"][i]), int(batch["sentence_id"][i]))
-            image_id, sentence, mask = expected[key]
+            image_id, mask = expected[key]
             assert key not in seen and batch["image_id"][i] == image_id
-            assert untokenize(batch["tokens"][i]) == sentence
             reference = transforms.refer(np.zeros((*mask.shape, 3), np.uint8), mask.astype(np.int32), cfg)["mask"]
             np.testing.assert_array_equal(batch["mask"][i], reference.numpy())
             seen.add(key)
     assert seen == set(expected)
 
 
+def _fixture_sentences(split):
+    return {i: raw for _, refs in fixtures.REFCOCO_IMAGES[split].values() for _, _, sentences in refs
+            for i, raw in sentences}
+
+
+def test_refcoco_sentences_are_refers_normalised_text_by_default(refcoco_builder):
+    """Without REFER's own file: lower-cased, punctuation removed (REFER's `sent` wherever REFER only normalised;
+    its corrections, "w" -> "with" in sentence 9102, need the file: next test)."""
+    raw = _fixture_sentences("validation")
+    expected = {i: fixtures.refer_sent(s) for i, s in raw.items()}
+    expected[9102] = "lady w back to us"
+    assert _refcoco_eval_texts(refcoco_builder) == expected
+    assert _refcoco_eval_texts(refcoco_builder, refer_text="raw") == raw  # TFDS' text, punctuation and case kept
+
+
+def test_refcoco_sentences_from_refers_file_are_exact(refcoco_builder, tmp_path):
+    path = fixtures.write_refcoco_json(str(tmp_path / "refcoco.json"))
+    texts = _refcoco_eval_texts(refcoco_builder, refer_sentences=path)
+    assert texts == {i: fixtures.refer_sent(s) for i, s in _fixture_sentences("validation").items()}
+    assert texts[9102] == "lady with back to us"
+    with pytest.raises(ValueError, match=r"refcoco.json: no refs of dataset 'refcocog' split by 'umd'"):
+        _refcoco_eval_texts(refcoco_builder, refer_sentences=path, name="ref_coco/refcocog_umd")
+
+
 def test_refcoco_train_is_one_element_per_ref(refcoco_builder):
     data = data_config_lib.data_config("refer", "ref_coco/refcoco_unc", batch_size_per_host=5, aug={"size": 32})
+    assert data.sample_order == "permutation"  # the default of every real dataset
     it = pipelines.make_train_iterator(data, fake_tokenize, builder=refcoco_builder, process_index=0, process_count=1)
-    sentences = {ann: {s for _, s in sent} for _, refs in fixtures.REFCOCO_IMAGES["train"].values()
-                 for ann, _, sent in refs}
+    sentences = {ann: {fixtures.refer_sent(s) for _, s in sent}
+                 for _, refs in fixtures.REFCOCO_IMAGES["train"].values() for ann, _, sent in refs}
     assert len(sentences) == 5
-    ids = []
-    for _ in range(2):  # exactly two epochs
+    for _ in range(2):  # exactly two epochs: each a permutation of the refs
         batch = next(it)
         assert set(np.unique(batch["mask"])) <= {0, 1}
         for ref_id, tokens in zip(batch["ref_id"], batch["tokens"]):
             assert untokenize(tokens) in sentences[int(ref_id)]
-            ids.append(int(ref_id))
-    assert sorted(ids) == sorted(list(sentences) * 2)
+        assert sorted(batch["ref_id"].tolist()) == sorted(sentences)
+
+
+def test_permutation_resumes_exactly_across_epochs(refcoco_builder, tmp_path):
+    data = data_config_lib.data_config("refer", "ref_coco/refcoco_unc", batch_size_per_host=3, aug={"size": 16})
+
+    def iterator():
+        return pipelines.make_train_iterator(data, fake_tokenize, builder=refcoco_builder, process_index=0,
+                                             process_count=1)
+
+    it = iterator()
+    next(it)
+    path = it.save(str(tmp_path / "ckpt"))
+    expected = [next(it) for _ in range(4)]  # 12 more elements: into the third epoch of 5 refs
+    restored = iterator()
+    restored.restore(path)
+    for batch in expected:
+        assert_batches_equal(next(restored), batch)
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +444,7 @@ def test_phrasecut_eval_squashes_the_union_mask_and_prompts_the_phrase(phrasecut
     data = data_config_lib.data_config("phrasecut", "phrasecut", eval_batch_size_per_host=2, aug={"size": 24})
     cfg = data_config_lib.transform_config(data)
     tasks = {t["task_id"]: t for t in fixtures.PHRASECUT_TASKS["test"]}
-    seen = set()
+    seen, empty = set(), set()
     for batch in eval_batches(data, 0, 1, builder=phrasecut_builder):
         for i in np.nonzero(batch["valid"])[0]:
             task = tasks[batch["id"][i].decode()]
@@ -364,7 +453,10 @@ def test_phrasecut_eval_squashes_the_union_mask_and_prompts_the_phrase(phrasecut
             np.testing.assert_array_equal(batch["mask"][i], reference.numpy())
             assert untokenize(batch["tokens"][i]) in {t.format(task["phrase"]) for t in cfg.templates}
             seen.add(task["task_id"])
+            if not batch["mask"][i].any():
+                empty.add(task["task_id"])
     assert seen == set(tasks)
+    assert empty == {"101__11"}  # the phrase whose polygon lies outside its image is evaluated, as the reference
     train = next(pipelines.make_train_iterator(data, fake_tokenize, builder=phrasecut_builder, process_index=0,
                                                process_count=1))
     batch = data.batch_size_per_host
@@ -424,3 +516,15 @@ def test_real_clip_tokenizer_plugs_in(tmp_path, shapes_dir):
 
 def test_tensorflow_sees_no_accelerator():
     assert tf.config.get_visible_devices("GPU") == [] and tf.config.get_visible_devices("TPU") == []
+
+
+def test_paper_configs_visit_each_sample_once_per_epoch():
+    """The reproduction configs use the references' order (an epoch permutation); vpd_shapes runs keep theirs."""
+    import importlib
+
+    for name, args in (("vpd_seg_ade20k", ("",)), ("vpd_depth_nyu", ("",)), ("vpd_refer", ("refcoco", "refcocog")),
+                       ("ldznet_phrasecut", ("",)), ("probe_sd_features", ("",))):
+        module = importlib.import_module(f"configs.{name}")
+        for arg in args:
+            assert module.get_config(arg).data.sample_order == "permutation", (name, arg)
+        assert module.get_config("smoke").data.sample_order == "shuffle_buffer", name

@@ -162,3 +162,43 @@ def test_config_override_from_dict(unet_folder):
     config = json.load(open(os.path.join(folder, "config.json")))
     module, _ = load_unet(folder, config={**config, "norm_eps": 1e-6})
     assert module.config.norm_eps == 1e-6
+
+
+def _training_checkpoint(trained, ema, layers_per_block):
+    """A CompVis training checkpoint (sd-v1-4-full-ema.ckpt's layout): the trained UNet under model.diffusion_model.,
+    its EMA copy under model_ema. with the dots of each name removed (LitEma), plus the EMA's counters."""
+    checkpoint = _full_sd_checkpoint(trained, layers_per_block)
+    for key, value in unet_diffusers_to_ldm(ema, layers_per_block, prefix="").items():
+        checkpoint["model_ema.diffusion_model" + key.replace(".", "")] = value
+    checkpoint["model_ema.num_updates"] = np.asarray(470000, np.int32)
+    return checkpoint
+
+
+def test_compvis_unet_picks_the_trained_or_the_ema_weights_of_a_training_checkpoint(unet_folder, tmp_path):
+    folder, model = unet_folder
+    family = "sd1" if model.config.layers_per_block == 1 else "sd2"
+    ema_model = save_tiny_unet(str(tmp_path / "ema"), CONFIGS[family], seed=12)  # other weights, same shapes
+    checkpoint = _training_checkpoint(numpy_state_dict(model), numpy_state_dict(ema_model),
+                                      model.config.layers_per_block)
+    path = save_safetensors(str(tmp_path / "sd-full-ema.safetensors"), checkpoint)
+    config = os.path.join(folder, "config.json")
+    assert_same_params(load_unet(path, config=config)[1], load_unet(folder)[1])  # default: model.diffusion_model.
+    assert_same_params(load_unet(path, config=config, compvis_unet="model_ema")[1], load_unet(str(tmp_path / "ema"))[1])
+
+    del checkpoint["model_ema.diffusion_modelout2bias"]
+    broken = save_safetensors(str(tmp_path / "broken.safetensors"), checkpoint)
+    with pytest.raises(ValueError, match=r"broken.safetensors: the EMA copy does not match.*diffusion_modelout2bias"):
+        load_unet(broken, config=config, compvis_unet="model_ema")
+
+
+def test_compvis_unet_ema_needs_a_file_with_both_copies(unet_folder, tmp_path):
+    folder, model = unet_folder
+    config = os.path.join(folder, "config.json")
+    emaonly = save_safetensors(str(tmp_path / "emaonly.safetensors"),
+                               _full_sd_checkpoint(numpy_state_dict(model), model.config.layers_per_block))
+    with pytest.raises(ValueError, match=r"emaonly.safetensors: no EMA copy of the UNet"):
+        load_unet(emaonly, config=config, compvis_unet="model_ema")
+    with pytest.raises(ValueError, match=r"a diffusers folder holds one UNet"):
+        load_unet(folder, compvis_unet="model_ema")
+    with pytest.raises(ValueError, match=r"compvis_unet must be one of \('model', 'model_ema'\)"):
+        load_unet(folder, compvis_unet="ema")

@@ -24,10 +24,12 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("refer", "ref_coco"): dict(split="train", eval_split="validation", batch_size_per_host=32, text_max_length=40),
     ("phrasecut", "phrasecut"): dict(split="train", eval_split="test", batch_size_per_host=4,
                                      eval_batch_size_per_host=32, text_max_length=77),
-    ("seg", "vpd_shapes"): dict(aug=dict(img_scale=(256, 64), crop_size=(64, 64)), seg_eval_pad_multiple=64),
-    ("depth", "vpd_shapes"): dict(aug=dict(crop_size=(64, 64))),
-    ("refer", "vpd_shapes"): dict(aug=dict(size=64), text_max_length=16),
-    ("phrasecut", "vpd_shapes"): dict(aug=dict(size=64), text_max_length=16),
+    # vpd_shapes keeps the shuffle buffer it was tuned with: the demo's numbers stay those of its README.
+    ("seg", "vpd_shapes"): dict(aug=dict(img_scale=(256, 64), crop_size=(64, 64)), seg_eval_pad_multiple=64,
+                                sample_order="shuffle_buffer"),
+    ("depth", "vpd_shapes"): dict(aug=dict(crop_size=(64, 64)), sample_order="shuffle_buffer"),
+    ("refer", "vpd_shapes"): dict(aug=dict(size=64), text_max_length=16, sample_order="shuffle_buffer"),
+    ("phrasecut", "vpd_shapes"): dict(aug=dict(size=64), text_max_length=16, sample_order="shuffle_buffer"),
 }
 
 
@@ -46,11 +48,16 @@ def data_config(task: str, name: str, **overrides) -> ml_collections.ConfigDict:
       on_bad_input          'raise' or 'skip' (our builders; see builders/common.py)
       split, eval_split     TFDS split names (per-host subsplits are taken automatically)
       batch_size_per_host, eval_batch_size_per_host
-      shuffle_buffer        examples (after flattening refs/sentences)
+      sample_order          'permutation' (every epoch a fresh permutation of all the host's elements, held
+                            encoded in memory; the references' order) or 'shuffle_buffer' (sample_order.py)
+      shuffle_buffer        elements (after flattening refs/phrases), for sample_order 'shuffle_buffer'
       seed                  shuffling, per-element augmentation seeds, eval prompts
       num_parallel_calls    of the transform map; -1 = AUTOTUNE
       prefetch              batches
       text_max_length       token length (refer: 40 RefCOCO/+, 77 RefCOCOg; phrasecut: 77)
+      refer_text            'sent' (REFER's sentences, as VPD feeds CLIP) or 'raw' (TFDS' text); refer_text.py
+      refer_sentences       for 'sent': the refcoco.json TFDS' ref_coco was built from, which holds REFER's
+                            `sent` of every sentence (exact); unset: REFER's normalisation applied to `raw`
       scene_class_fallback  depth on TFDS nyu_depth_v2 (no scene names): the class id to use; None = error
       seg_eval_pad_multiple segmentation eval: padded sizes are multiples of this (pipelines.py explains)
       aug                   the task's transform config (transforms.py)
@@ -71,11 +78,14 @@ def data_config(task: str, name: str, **overrides) -> ml_collections.ConfigDict:
         "eval_split": "validation",
         "batch_size_per_host": 8,
         "eval_batch_size_per_host": 8,
+        "sample_order": "permutation",
         "shuffle_buffer": 1000,
         "seed": 0,
         "num_parallel_calls": -1,
         "prefetch": 2,
         "text_max_length": 77,
+        "refer_text": "sent",
+        "refer_sentences": ml_collections.config_dict.placeholder(str),
         "scene_class_fallback": ml_collections.config_dict.placeholder(int),
         "seg_eval_pad_multiple": 256,
         "aug": _to_config_dict(transform_config_class(task)()),

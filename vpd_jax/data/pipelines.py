@@ -4,11 +4,12 @@ Both entry points take the data section of a config (`config.data`, built by `vp
 and return a batched `tf.data.Dataset` of dicts with fixed shapes (NHWC); wrap it in
 `vpd_jax.data.iterator.DataIterator` for numpy batches, host-side tokenisation and iterator checkpoints.
 
-Train: per-host subsplit (`tfds.split_for_jax_process`) -> files shuffled (ReadConfig.shuffle_seed) ->
-  flatten refs/phrases -> shuffle -> repeat -> enumerate -> parallel map(decode + augmentation with a
-  per-element stateless seed fold_in((seed, process_index), element index)) -> batch(drop_remainder) -> prefetch.
-  The per-element seed makes a batch a function of (seed, process, position in the stream) only, so the
-  same seed gives identical batches and a restored iterator continues the exact stream.
+Train: per-host subsplit (`tfds.split_for_jax_process`) -> the host's elements (refs/phrases flattened) in
+  `data.sample_order` (sample_order.py: 'permutation', a fresh permutation of all of them every epoch as the
+  references' DistributedSampler; or 'shuffle_buffer') with their positions in the stream -> parallel
+  map(decode + augmentation with a per-element stateless seed fold_in((seed, process_index), position)) ->
+  batch(drop_remainder) -> prefetch. A batch is a function of (seed, process, position in the stream) only, so
+  the same seed gives identical batches and a restored iterator continues the exact stream.
 
 Eval: every example of the host's subsplit exactly once, in order, followed by padding elements with
   `valid = False`, cut to the same number of batches on every host (the largest host's count; all hosts
@@ -45,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vpd_jax.data import sources, transforms
+from vpd_jax.data import refer_text, sample_order, sources, transforms
 from vpd_jax.data.config import family, transform_config
 from vpd_jax.data.iterator import DataIterator, TokenizeFn
 
@@ -86,14 +87,8 @@ def make_train_dataset(data: ml_collections.ConfigDict, *, builder: Optional[tfd
     hide_accelerators_from_tf()
     builder = builder or load_builder(data)
     index, count = _process(process_index, process_count)
-    source = sources.get_source(data.task, data.name, train=True, scene_class_fallback=data.scene_class_fallback)
-    ds = builder.as_dataset(
-        split=tfds.split_for_jax_process(data.split, process_index=index, process_count=count),
-        shuffle_files=True, decoders=source.decoders,
-        read_config=tfds.ReadConfig(shuffle_seed=data.seed, options=_options()),
-    )
-    ds = _select(ds, source)
-    ds = ds.shuffle(data.shuffle_buffer, seed=data.seed + index, reshuffle_each_iteration=True).repeat()
+    source = _source(data, train=True)
+    ds = sample_order.training_stream(data, builder, source, index, count, _options())
     train_fn = _train_fn(data.task, transform_config(data))
     base_seed = tf.constant([data.seed, index], tf.int64)
 
@@ -101,7 +96,7 @@ def make_train_dataset(data: ml_collections.ConfigDict, *, builder: Optional[tfd
         seed = tf.random.experimental.stateless_fold_in(base_seed, position)
         return train_fn(source.decode(element), seed)
 
-    ds = ds.enumerate().map(_graph_fn(per_element), num_parallel_calls=_parallel_calls(data))
+    ds = ds.map(_graph_fn(per_element), num_parallel_calls=_parallel_calls(data))
     return ds.batch(data.batch_size_per_host, drop_remainder=True).prefetch(data.prefetch)
 
 
@@ -111,15 +106,16 @@ def make_eval_dataset(data: ml_collections.ConfigDict, *, builder: Optional[tfds
     hide_accelerators_from_tf()
     builder = builder or load_builder(data)
     index, count = _process(process_index, process_count)
-    source = sources.get_source(data.task, data.name, train=False, scene_class_fallback=data.scene_class_fallback)
+    source = _source(data, train=False)
     host_splits = [tfds.split_for_jax_process(data.eval_split, process_index=i, process_count=count)
                    for i in range(count)]
     batch_size = data.eval_batch_size_per_host
     num_batches = math.ceil(max(_host_counts(builder, source, data.eval_split, host_splits)) / batch_size)
 
     def read(split):
-        return _select(builder.as_dataset(split=split, shuffle_files=False, decoders=source.decoders,
-                                          read_config=tfds.ReadConfig(options=_options())), source)
+        return sources.elements(source, builder.as_dataset(split=split, shuffle_files=False,
+                                                           decoders=source.decoders,
+                                                           read_config=tfds.ReadConfig(options=_options())))
 
     # Padding elements are the split's first element, transformed like any other (so fixed shapes stay fixed)
     # and then zeroed with valid = False.
@@ -153,9 +149,10 @@ def _graph_fn(fn):
     return tf.autograph.experimental.do_not_convert(fn)
 
 
-def _select(ds: tf.data.Dataset, source: sources.Source) -> tf.data.Dataset:
-    fn = _graph_fn(source.select)
-    return ds.flat_map(fn) if source.flattens else ds.map(fn)
+def _source(data: ml_collections.ConfigDict, train: bool) -> sources.Source:
+    text = refer_text.text_fn(data.refer_text, data.name, data.refer_sentences) if data.task == "refer" else None
+    return sources.get_source(data.task, data.name, train=train, scene_class_fallback=data.scene_class_fallback,
+                              text=text)
 
 
 def _options() -> tf.data.Options:
@@ -174,11 +171,10 @@ def _host_counts(builder, source: sources.Source, split: str, host_splits: list)
     sizes = [builder.info.splits[s].num_examples for s in host_splits]
     if not source.flattens:
         return sizes
-    select = _graph_fn(source.select)
     in_file_order = tfds.ReadConfig(interleave_cycle_length=1)  # the default interleaves the shards
     per_example = builder.as_dataset(split=split, shuffle_files=False, decoders=source.decoders,
                                      read_config=in_file_order).map(
-        _graph_fn(lambda ex: select(ex).reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)))
+        _graph_fn(lambda ex: sources.num_elements(source.select(ex))))
     counts = np.fromiter(per_example.as_numpy_iterator(), dtype=np.int64)
     if len(counts) != sum(sizes):
         raise RuntimeError(f"{split}: {len(counts)} examples read but the host subsplits hold {sum(sizes)}")

@@ -34,13 +34,15 @@ Dtype = Any
 
 
 def default_taps(config: UNetConfig) -> tuple[str, ...]:
-    """The last transformer of every cross-attention block, encoder to decoder (7 for SD v1 / v2: one per
-    resolution of the encoder, the middle, one per resolution of the decoder)."""
-    taps = [f"down_blocks.{i}.attentions.{config.layers_per_block[i] - 1}"
-            for i, kind in enumerate(config.down_block_types) if kind == "CrossAttnDownBlock2D"]
-    taps.append("mid_block.attentions.0")
-    taps += [f"up_blocks.{i}.attentions.{config.up_layers_per_block[i] - 1}"
-             for i, kind in enumerate(config.up_block_types) if kind == "CrossAttnUpBlock2D"]
+    """Every spatial transformer of the UNet, encoder to decoder: the attentions of each cross-attention down block,
+    the middle block's, those of each cross-attention up block (16 for SD v1 / v2: 6 + 1 + 9). The LD-ZNet paper
+    probes these 16 layers (at every 100th timestep); the tap is the transformer's output, before any down- or
+    upsampler."""
+    taps = [f"down_blocks.{i}.attentions.{j}" for i, kind in enumerate(config.down_block_types)
+            if kind == "CrossAttnDownBlock2D" for j in range(config.layers_per_block[i])]
+    taps.append("mid_block.attentions.0")  # the only mid block UNetConfig accepts has cross-attention
+    taps += [f"up_blocks.{i}.attentions.{j}" for i, kind in enumerate(config.up_block_types)
+             if kind == "CrossAttnUpBlock2D" for j in range(config.up_layers_per_block[i])]
     return tuple(taps)
 
 

@@ -56,9 +56,12 @@ class LDZNetTask(PhraseTask):
         (() = the five SD v1 blocks of spec 2.3), pool_image_size (the pools' learned grid is sized for this image
         side, 384 -> 12x12 / 6x6), latent_scale, sample_latent, sd_timesteps / sd_timestep_mode ('uniform' (low,
         high) per example, or 'mean' over listed t's), head_init ('pytorch' as the reference; 'upsample' starts the
-        1-channel 8x head as a nearest upsampler, for runs without SD weights)."""
+        1-channel 8x head as a nearest upsampler, for runs without SD weights), compvis_unet (which UNet of a CompVis
+        training checkpoint in config.init initialises ZNet and the frozen extractor: 'model', the non-EMA weights
+        of sd-v1-4-full-ema.ckpt as the reference, or 'model_ema'; a diffusers folder holds one, see
+        vpd_jax/weights/loaders.py)."""
         return ml_collections.ConfigDict(dict(
-            arch="init", text_encoder="", tokenizer="",
+            arch="init", text_encoder="", tokenizer="", compvis_unet="model",
             inject=True, sites=(), pool_image_size=384,
             latent_scale=LATENT_SCALE, sample_latent=True,  # spec 0, 7.12
             sd_timesteps=(300, 500), sd_timestep_mode="uniform",  # spec 2.2, 7.4

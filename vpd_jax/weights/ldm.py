@@ -4,6 +4,12 @@ A full SD checkpoint (`v1-5-pruned-emaonly`, SD 2.x) holds the UNet under `model
 `first_stage_model.` and the text encoder under `cond_stage_model.`. A stand-alone VAE file (e.g.
 `vae-ft-mse-840000-ema-pruned`) holds the VAE keys without prefix.
 
+Which UNet: a training checkpoint such as `sd-v1-4-full-ema.ckpt` or `v1-5-pruned.ckpt` holds two, the trained
+weights under `model.diffusion_model.` and their EMA under `model_ema.` (LitEma: the parameter name with its dots
+removed, `model_ema.diffusion_modelinput_blocks00weight`), while an `-emaonly` file keeps only the EMA weights, under
+`model.diffusion_model.`. `split_unet(..., copy=)` picks one: 'model' (default; the non-EMA weights of a full-EMA
+file, the EMA weights of an -emaonly file) or 'model_ema' (the EMA copy; only where the file has one).
+
 UNet layout (L = layers_per_block, levels = len(block_out_channels)):
   input_blocks.0.0                         conv_in
   input_blocks.{1 + i(L+1) + j}.0 / .1     down_blocks.i.resnets.j / .attentions.j     (j < L)
@@ -31,6 +37,8 @@ import numpy as np
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+EMA_PREFIX = "model_ema."
+UNET_COPIES = ("model", "model_ema")  # the `model.diffusion_model.` tensors, or the EMA copy of them
 
 StateDict = dict[str, np.ndarray]
 
@@ -68,8 +76,32 @@ def _split(state: Mapping[str, np.ndarray], prefix: str, bare: str, what: str, s
                      f"{bare!r} keys); first keys: {sorted(state)[:5]}")
 
 
-def split_unet(state: Mapping[str, np.ndarray], source: str) -> StateDict:
-    return _split(state, UNET_PREFIX, _UNET_BARE, "UNet", source)
+def unet_file_key(key: str, copy: str = "model") -> str:
+    """The key in a full SD file of UNet tensor `key` (ldm name without prefix) in `copy` (module docstring)."""
+    if copy == "model":
+        return UNET_PREFIX + key
+    return EMA_PREFIX + ("diffusion_model." + key).replace(".", "")
+
+
+def split_unet(state: Mapping[str, np.ndarray], source: str, copy: str = "model") -> StateDict:
+    """The UNet's keys (ldm names without prefix) of `copy`: 'model' or 'model_ema' (module docstring)."""
+    if copy not in UNET_COPIES:
+        raise ValueError(f"unknown UNet copy {copy!r}; a CompVis file holds {UNET_COPIES}")
+    if copy == "model":
+        return _split(state, UNET_PREFIX, _UNET_BARE, "UNet", source)
+    # The EMA names lost their dots, so the `model.diffusion_model.` names say which tensor each one is.
+    names = [k[len(UNET_PREFIX):] for k in state if k.startswith(UNET_PREFIX)]
+    if not names or not any(k.startswith(EMA_PREFIX + "diffusion_model") for k in state):
+        raise ValueError(f"{source}: no EMA copy of the UNet (needs both {UNET_PREFIX!r} and {EMA_PREFIX!r} keys, as "
+                         "a full-EMA training checkpoint such as sd-v1-4-full-ema.ckpt has); this file holds one UNet: "
+                         "load it as copy 'model'")
+    expected = {unet_file_key(n, copy) for n in names}
+    missing = sorted(expected.difference(state))
+    unmatched = sorted(k for k in state if k.startswith(EMA_PREFIX + "diffusion_model") and k not in expected)
+    if missing or unmatched:
+        raise ValueError(f"{source}: the EMA copy does not match the {UNET_PREFIX!r} UNet: missing {missing[:5]} "
+                         f"({len(missing)}), without a counterpart {unmatched[:5]} ({len(unmatched)})")
+    return {n: state[unet_file_key(n, copy)] for n in names}
 
 
 def split_vae(state: Mapping[str, np.ndarray], source: str) -> StateDict:

@@ -9,6 +9,13 @@
     transformers layout takes its config from `config=` or from a `config.json` next to it.
 `config=` (a dict or the path of a config.json) replaces the folder's or the inferred config.
 
+Which UNet weights: a diffusers folder holds one UNet in its standard file, whichever was exported into it (the
+hub's SD v1.x folders: the EMA weights; a `non_ema` variant file beside it is not read). A CompVis training
+checkpoint holds two (`vpd_jax.weights.ldm`): `load_unet(..., compvis_unet='model')` (default) reads its
+`model.diffusion_model.` tensors, the non-EMA weights of `sd-v1-4-full-ema.ckpt` that LD-ZNet's frozen UNet and
+ZNet start from (and the EMA weights of an `-emaonly` file, which has only those); `compvis_unet='model_ema'` reads
+the EMA copy.
+
 Loading is strict (`vpd_jax.weights.convert`). What is deliberately not loaded is listed per model below.
 """
 from __future__ import annotations
@@ -42,21 +49,32 @@ class _Kind:
     ignore: tuple[str, ...] = ()
     # Renames for other diffusers / transformers versions' names of the same model: key -> canonical key.
     normalize_key: Callable[[str], str] | None = None
-    # CompVis single files: (predicate on the file's keys, state -> (renamed, diffusers->file key, inferred config)).
+    # CompVis single files: (predicate on the file's keys, (state, source, copy) -> (renamed, diffusers->file key,
+    # inferred config)); `copy` is the UNet's (ldm.UNET_COPIES), unused by the other kinds.
     is_ldm: Callable[[StateDict], bool] | None = None
-    from_ldm: Callable[[StateDict, str], tuple[StateDict, dict[str, str], Callable[[], dict]]] | None = None
+    from_ldm: Callable[[StateDict, str, str], tuple[StateDict, dict[str, str], Callable[[], dict]]] | None = None
 
 
 def _from_ldm(prefix: str, split: Callable, rename: Callable, infer: Callable):
     """A `_Kind.from_ldm` for the component stored under `prefix` in a full SD file (or alone, unprefixed)."""
 
-    def convert(state: StateDict, source: str):
+    def convert(state: StateDict, source: str, copy: str):
+        del copy  # one copy only
         part = split(state, source)
         renamed, origin = rename(part)
         lead = prefix if any(k.startswith(prefix) for k in state) else ""
         return renamed, {k: lead + v for k, v in origin.items()}, lambda: infer(part)
 
     return convert
+
+
+def _unet_from_ldm(state: StateDict, source: str, copy: str):
+    """`_Kind.from_ldm` of the UNet: the `copy` of a full SD file (ldm.split_unet), or a stand-alone UNet file."""
+    part = ldm.split_unet(state, source, copy)
+    renamed, origin = ldm.unet_ldm_to_diffusers(part)
+    full = any(k.startswith(ldm.UNET_PREFIX) for k in state)
+    return (renamed, {k: ldm.unet_file_key(v, copy) if full else v for k, v in origin.items()},
+            lambda: ldm.infer_unet_config(part))
 
 
 # diffusers < 0.14 named the VAE mid-block attention query/key/value/proj_attn; hub files saved before then
@@ -92,11 +110,7 @@ def _normalize(state: StateDict, kind: _Kind) -> tuple[StateDict, dict[str, str]
     return {new: state[old] for new, old in renamed.items()}, renamed
 
 
-_UNET = _Kind(
-    "unet",
-    is_ldm=ldm.is_ldm_unet,
-    from_ldm=_from_ldm(ldm.UNET_PREFIX, ldm.split_unet, ldm.unet_ldm_to_diffusers, ldm.infer_unet_config),
-)
+_UNET = _Kind("unet", is_ldm=ldm.is_ldm_unet, from_ldm=_unet_from_ldm)
 _VAE = _Kind(
     "vae",
     # Only the encoder is built (spec/vpd.md 1.1: the decoder is deleted and unused).
@@ -138,18 +152,27 @@ def _resolve(path: str | os.PathLike, kind: _Kind) -> str:
         f"{path}: neither a model folder (config.json + weights) nor a pipeline root with {kind.subfolder}/config.json")
 
 
-def _load_state_and_config(path, kind: _Kind, config: ConfigArg) -> tuple[StateDict, dict, dict | None, str]:
+def _load_state_and_config(path, kind: _Kind, config: ConfigArg, compvis_unet: str = "model"
+                           ) -> tuple[StateDict, dict, dict | None, str]:
     """(state dict in diffusers / transformers naming, config dict, renamed key -> file key, source)."""
     target = _resolve(path, kind)
     override = _read_config(config)
+    if compvis_unet not in ldm.UNET_COPIES:
+        raise ValueError(f"compvis_unet must be one of {ldm.UNET_COPIES}, got {compvis_unet!r}")
     if os.path.isdir(target):
+        if compvis_unet != "model":
+            raise ValueError(f"{target}: a diffusers folder holds one UNet (whichever was exported); "
+                             f"compvis_unet={compvis_unet!r} applies to CompVis training checkpoints only")
         weights = find_weights_file(target)
         state, origin = _normalize(read_state_dict(weights), kind)
         return state, override or _read_config(os.path.join(target, "config.json")), origin, weights
     state = read_state_dict(target)
     if kind.is_ldm is not None and kind.is_ldm(state):
-        renamed, origin, infer_config = kind.from_ldm(state, target)
+        renamed, origin, infer_config = kind.from_ldm(state, target, compvis_unet)
         return renamed, override or infer_config(), origin, target
+    if compvis_unet != "model":
+        raise ValueError(f"{target}: not a CompVis checkpoint; compvis_unet={compvis_unet!r} applies to CompVis "
+                         "training checkpoints only")
     sibling = os.path.join(os.path.dirname(target), "config.json")
     if override is None and not os.path.isfile(sibling):
         raise FileNotFoundError(
@@ -158,8 +181,9 @@ def _load_state_and_config(path, kind: _Kind, config: ConfigArg) -> tuple[StateD
     return state, override or _read_config(sibling), origin, target
 
 
-def _load(path, kind: _Kind, config: ConfigArg, on_host: bool, build: Callable[[dict], Any]):
-    state, config_dict, origin, source = _load_state_and_config(path, kind, config)
+def _load(path, kind: _Kind, config: ConfigArg, on_host: bool, build: Callable[[dict], Any],
+          compvis_unet: str = "model"):
+    state, config_dict, origin, source = _load_state_and_config(path, kind, config, compvis_unet)
     module = build(config_dict)
     params = convert_state_dict(state, abstract_params(module), source=source, ignore=kind.ignore, key_origin=origin)
     return module, params if on_host else jax.tree.map(jnp.asarray, params)
@@ -170,13 +194,14 @@ def _load(path, kind: _Kind, config: ConfigArg, on_host: bool, build: Callable[[
 
 
 def load_unet(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None, on_host: bool = False,
-              **module_kwargs):
+              compvis_unet: str = "model", **module_kwargs):
     """(UNet2DConditionModel, params) from a diffusers unet folder, a pipeline root or a CompVis SD file. The
     module computes in `dtype` with `param_dtype` parameters (its `compute`; module_kwargs may give the whole
-    Compute instead)."""
+    Compute instead). `compvis_unet`: which UNet of a CompVis training checkpoint ('model' or 'model_ema'; module
+    docstring)."""
     module_kwargs.setdefault("compute", Compute(dtype=dtype, param_dtype=param_dtype))
     return _load(path, _UNET, config, on_host, lambda c: UNet2DConditionModel(
-        config=UNetConfig.from_dict(c), **module_kwargs))
+        config=UNetConfig.from_dict(c), **module_kwargs), compvis_unet)
 
 
 def load_vae(path, dtype=jnp.float32, param_dtype=jnp.float32, config: ConfigArg = None, on_host: bool = False,

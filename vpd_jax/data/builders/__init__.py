@@ -2,7 +2,7 @@
 
   ade20k             ADEChallengeData2016, raw labels 0..150              (manual: zip or folder)
   nyu_depth_v2_bts   NYUv2 BTS sync train + official test, depth in mm    (manual: folder + split lists)
-  phrasecut          VGPhraseCut, one example per phrase, union mask      (manual: VGPhraseCut_v0 folder)
+  phrasecut          VGPhraseCut, one example per image, its phrases with union masks (manual: VGPhraseCut_v0)
   vpd_shapes         rendered scenes for all tasks                        (no download)
 RefCOCO/+/g come from TFDS' own `ref_coco`.
 """

@@ -1,12 +1,19 @@
-"""VGPhraseCut as a TFDS builder: one example per (image, phrase) with the union mask of its instances.
+"""VGPhraseCut as a TFDS builder: one example per image, holding each of its phrases with the union mask of the
+phrase's instances.
 
 Source layout (the `VGPhraseCut_v0` folder of the PhraseCut release): `refer_{train,val,test,miniv}.json` and
 `images/<image_id>.jpg`. Each JSON is a list of tasks with `task_id`, `image_id`, `phrase`, `instance_boxes`
 (xywh) and `Polygons`: one list of polygons per instance, a polygon being a list of [x, y] points.
 
-The mask follows LD-ZNet's loader (spec/ldznet.md 3.3): every polygon of every instance is rasterised and the
-union taken. Rasterisation uses the pixel-centre rule of `skimage.draw.polygon2mask` (pixel (r, c) is inside
-when the point x=c, y=r is inside the polygon, even-odd), so skimage is not needed.
+Masks follow LD-ZNet's loader (`ldm_seg/data/phrasecut.py`): every polygon of every instance is rasterised with
+`skimage.draw.polygon2mask` on its (y, x) points and the union is taken. `polygon_mask` reproduces that
+rasteriser without scikit-image: a pixel is inside when its centre (x = column, y = row) is inside the polygon,
+on one of its edges or on a vertex (O'Rourke's crossing test), so a square with corners (1, 1) and (5, 5) covers
+25 pixels. A phrase whose mask is empty (all polygons outside the image, or degenerate) is kept, as the reference
+keeps it; it counts in the metrics like any other.
+
+One example per image keeps each image once on disk and in memory (the training pipeline's epoch permutation
+holds a host's examples in memory); the input pipeline flattens the phrases (vpd_jax/data/sources.py).
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from absl import logging
 
 from vpd_jax.data.builders import common
 
-# Images with wrong size annotations that LD-ZNet's (CLIPSeg's) loader drops (spec/ldznet.md 3.3).
+# Images with wrong size annotations that LD-ZNet's (CLIPSeg's) loader drops (`invalid_img_ids` there).
 REFERENCE_EXCLUDED_IMAGE_IDS: tuple[int, ...] = (
     150417, 285665, 498246, 61564, 285743, 498269, 498010, 150516, 150344, 286093, 61530, 150333, 286065,
     285814, 498187, 285761, 498042,
@@ -30,11 +37,15 @@ _SPLIT_FILES = {"train": "refer_train.json", "validation": "refer_val.json", "te
 
 
 class Phrasecut(tfds.core.GeneratorBasedBuilder):
-    """VGPhraseCut phrase-region pairs; splits are the refer_*.json files present."""
+    """VGPhraseCut phrase-region pairs grouped by image; splits are the refer_*.json files present."""
 
     name = "phrasecut"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "One example per task: image, union mask of all instances, phrase."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "One example per task: image, union mask of all instances, phrase.",
+        "2.0.0": "One example per image with all its phrases; masks by skimage's polygon2mask rule (edges and "
+                 "vertices inside); phrases with empty masks kept.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
     Download VGPhraseCut (https://github.com/ChenyunWu/PhraseCutDataset, download_dataset.py) and put the
     contents of `data/VGPhraseCut_v0/` (refer_*.json and images/) in the manual directory, or the
@@ -50,13 +61,16 @@ class Phrasecut(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
-            description="VGPhraseCut: image, referring phrase, union mask (0/1) of all referred instances.",
+            description="VGPhraseCut: image and, per phrase, its text, task id and union mask (0/1) of all "
+                        "referred instances.",
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-                "phrase": tfds.features.Text(),
-                "task_id": tfds.features.Text(),
                 "image_id": np.int64,
+                "phrases": tfds.features.Sequence({
+                    "phrase": tfds.features.Text(),
+                    "task_id": tfds.features.Text(),
+                    "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+                }),
             }),
             homepage="https://people.cs.umass.edu/~chenyun/phrasecut/",
         )
@@ -85,31 +99,29 @@ class Phrasecut(tfds.core.GeneratorBasedBuilder):
                 by_image[task["image_id"]].append(task)
         if excluded:
             logging.info("phrasecut (%s): excluded %d task(s) of the %d excluded image ids",
-                                split, excluded, len(self._excluded))
+                         split, excluded, len(self._excluded))
+        empty = 0
         for image_id in sorted(by_image):
             image_path = f"images/{image_id}.jpg"
+            task_ids = ", ".join(t["task_id"] for t in by_image[image_id])
             if not tree.exists(image_path):
-                for task in by_image[image_id]:
-                    log.report(tree.display(image_path), f"file is missing (task {task['task_id']} in {json_path})")
+                log.report(tree.display(image_path), f"file is missing (tasks {task_ids} in {json_path})")
                 continue
             data = tree.read_bytes(image_path)
             image = common.check_image(data, tree.display(image_path), log)
             if image is None:
                 continue
-            image_bytes = common.rgb_bytes(image, data)
             width, height = image.size
+            phrases = []
             for task in by_image[image_id]:
                 mask = instances_mask(task["Polygons"], height, width)
-                if not mask.any():
-                    log.report(f"{json_path} task {task['task_id']}", f"empty mask on {image_path} ({width}x{height})")
-                    continue
-                yield task["task_id"], {
-                    "image": image_bytes,
-                    "mask": common.png_bytes(mask.astype(np.uint8)[..., None]),
-                    "phrase": task["phrase"],
-                    "task_id": task["task_id"],
-                    "image_id": image_id,
-                }
+                empty += not mask.any()
+                phrases.append({"phrase": task["phrase"], "task_id": task["task_id"],
+                                "mask": common.png_bytes(mask.astype(np.uint8)[..., None])})
+            yield image_id, {"image": common.rgb_bytes(image, data), "image_id": image_id, "phrases": phrases}
+        if empty:
+            logging.info("phrasecut (%s): %d phrase(s) with an empty mask, kept as the reference keeps them",
+                         split, empty)
         log.warn()
 
 
@@ -123,23 +135,36 @@ def instances_mask(instances, height: int, width: int) -> np.ndarray:
 
 
 def polygon_mask(points, height: int, width: int) -> np.ndarray:
-    """Even-odd fill of one polygon ([[x, y], ...]) sampled at integer pixel coordinates (row y, column x)."""
+    """`skimage.draw.polygon2mask((height, width), [(y, x), ...])` of one polygon given as [[x, y], ...].
+
+    Pixel (r, c) is inside when the point x = c, y = r is a vertex (within 1e-12), lies on an edge, or is inside by
+    the crossing rule: with rays to the right and to the left, it is inside or on an edge when either ray crosses
+    an odd number of edges (O'Rourke, Computational Geometry in C, 7.4). The arithmetic is skimage's, in float64,
+    so the masks are the same bit for bit. Only the pixels in the polygon's bounding box are tested.
+    """
     mask = np.zeros((height, width), dtype=bool)
     xy = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    if len(xy) < 3:
+    if len(xy) == 0:
         return mask
-    r0, r1 = max(int(np.ceil(xy[:, 1].min())), 0), min(int(np.floor(xy[:, 1].max())), height - 1)
-    c0, c1 = max(int(np.ceil(xy[:, 0].min())), 0), min(int(np.floor(xy[:, 0].max())), width - 1)
+    xs, ys = xy[:, 0], xy[:, 1]
+    r0, r1 = int(max(0.0, ys.min())), min(height - 1, int(np.ceil(ys.max())))
+    c0, c1 = int(max(0.0, xs.min())), min(width - 1, int(np.ceil(xs.max())))
     if r0 > r1 or c0 > c1:
         return mask
     y = np.arange(r0, r1 + 1, dtype=np.float64)[:, None]
     x = np.arange(c0, c1 + 1, dtype=np.float64)[None, :]
-    inside = np.zeros((r1 - r0 + 1, c1 - c0 + 1), dtype=bool)
-    for (xa, ya), (xb, yb) in zip(xy, np.roll(xy, -1, axis=0)):
-        if ya == yb:
-            continue
-        crosses = (ya > y) != (yb > y)
-        x_cross = xa + (y - ya) * (xb - xa) / (yb - ya)
-        inside ^= crosses & (x < x_cross)
-    mask[r0:r1 + 1, c0:c1 + 1] = inside
+    vertex = np.zeros((r1 - r0 + 1, c1 - c0 + 1), dtype=bool)
+    right = np.zeros_like(vertex)  # parity of crossings of the ray to the right
+    left = np.zeros_like(vertex)
+    eps = 1e-12
+    x1, y1 = xs[-1] - x, ys[-1] - y
+    for xv, yv in zip(xs, ys):
+        x0, y0 = xv - x, yv - y
+        vertex |= (-eps < x0) & (x0 < eps) & (-eps < y0) & (y0 < eps)
+        with np.errstate(divide="ignore", invalid="ignore"):  # only used where the edge straddles the ray
+            cross = (x0 * y1 - x1 * y0) / (y1 - y0)
+        right ^= ((y0 > 0) != (y1 > 0)) & (cross > 0)
+        left ^= ((y0 < 0) != (y1 < 0)) & (cross < 0)
+        x1, y1 = x0, y0
+    mask[r0:r1 + 1, c0:c1 + 1] = vertex | right | left
     return mask
