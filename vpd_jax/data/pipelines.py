@@ -46,11 +46,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vpd_jax.data import prepare as preparation
 from vpd_jax.data import refer_text, sample_order, sources, transforms
-from vpd_jax.data.config import family, transform_config
+from vpd_jax.data.config import transform_config
 from vpd_jax.data.iterator import DataIterator, TokenizeFn
 
-_POLICY_BUILDERS = ("ade20k", "nyu_depth_v2_bts", "phrasecut")
 
 
 def hide_accelerators_from_tf() -> None:
@@ -67,18 +67,13 @@ hide_accelerators_from_tf()
 
 
 def load_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """The TFDS builder named by `data.name` (our builders are registered on import)."""
-    import vpd_jax.data.builders  # noqa: F401  (registers ade20k, nyu_depth_v2_bts, phrasecut, vpd_shapes)
-
-    kwargs = {"on_bad_input": data.on_bad_input} if family(data.name) in _POLICY_BUILDERS else {}
-    return tfds.builder(data.name, data_dir=data.data_dir, **kwargs)
+    """The TFDS builder named by `data.name` (vpd_jax.data.prepare.load_builder)."""
+    return preparation.load_builder(data.name, data.data_dir, data.on_bad_input)
 
 
 def prepare(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """Builds the dataset's TFRecords from `data.manual_dir` (a no-op when they exist)."""
-    builder = load_builder(data)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=data.manual_dir))
-    return builder
+    """Builds the dataset's TFRecords from `data.manual_dir` (a no-op when they exist; vpd_jax.data.prepare)."""
+    return preparation.prepare_dataset(data.name, data.manual_dir, data.data_dir, data.on_bad_input)
 
 
 def make_train_dataset(data: ml_collections.ConfigDict, *, builder: Optional[tfds.core.DatasetBuilder] = None,
