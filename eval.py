@@ -18,8 +18,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     launch.initialize_distributed()
-    from vpd_jax.run import evaluation
+    from vpd_jax.run import evaluation, logs
 
+    logs.check_workdir(flags.FLAGS.workdir)  # it receives eval_<step>.json: fail now, not after the evaluation
     evaluation.evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.step)
 
 

@@ -1,14 +1,18 @@
-"""Reading weights files: safetensors without torch, sharded indices, torch pickles only with weights_only."""
+"""Reading weights files: safetensors without torch, sharded indices, torch pickles only with weights_only; a file
+that cannot be read is named with what is wrong with it."""
 import builtins
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
 
 from tests.reference_models import save_safetensors
-from vpd_jax.weights.io import find_weights_file, read_state_dict
+from vpd_jax.weights.class_embeddings import load_class_embeddings
+from vpd_jax.weights.convert import WeightLoadingError, convert_state_dict
+from vpd_jax.weights.io import UnreadableWeightsError, UnsafePickleError, find_weights_file, read_state_dict
 
 
 def test_bfloat16_safetensors(tmp_path):
@@ -85,3 +89,73 @@ def test_find_weights_file_prefers_the_standard_name(tmp_path):
         find_weights_file(str(tmp_path))
     (tmp_path / "model.safetensors.index.json").write_text("")
     assert find_weights_file(str(tmp_path)).endswith("model.safetensors.index.json")
+
+
+# ------------------------------------------------------------------------- unreadable files name themselves
+
+
+def test_truncated_or_foreign_safetensors_name_the_file(tmp_path):
+    """safetensors' own error ("Error while deserializing header: ...") names no file."""
+    good = save_safetensors(str(tmp_path / "good.safetensors"), {"w": np.ones((64, 64), np.float32)})
+    data = open(good, "rb").read()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    other = tmp_path / "other.safetensors"
+    other.write_text("<html>a download error page</html>")
+    for path in (cut, other):
+        with pytest.raises(UnreadableWeightsError, match=rf"{path} \([\d,]+ bytes\): not a readable safetensors "
+                                                         r"file, truncated or corrupt \(safetensors: "):
+            read_state_dict(str(path))
+    with pytest.raises(FileNotFoundError, match=r"absent\.safetensors: no such weights file"):
+        read_state_dict(str(tmp_path / "absent.safetensors"))
+
+
+def test_broken_sharded_index_names_the_index(tmp_path):
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text("{\"weight_map\": {\"x\": ")
+    with pytest.raises(UnreadableWeightsError, match=r"model\.safetensors\.index\.json .*not a safetensors index"):
+        read_state_dict(str(index))
+    index.write_text(json.dumps({"weight_map": {"x": "a.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=r"index\.json: shard 'a\.safetensors' listed in the index is not in"):
+        read_state_dict(str(index))
+
+
+def test_refused_or_truncated_pickles_name_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state_dict": {"a": torch.ones(1)}, "payload": _Exploit()}, "evil.ckpt")
+    with pytest.raises(UnsafePickleError, match=r"^evil\.ckpt: refused by torch\.load\(weights_only=True\)"):
+        read_state_dict("evil.ckpt")
+    assert not os.path.exists("pwned")
+    torch.save({"a": torch.ones(1000)}, "model.ckpt")
+    data = open("model.ckpt", "rb").read()
+    open("cut.ckpt", "wb").write(data[: len(data) // 2])
+    with pytest.raises(UnreadableWeightsError, match=r"^cut\.ckpt \([\d,]+ bytes\): not a readable PyTorch checkpoint"):
+        read_state_dict("cut.ckpt")
+
+
+def test_class_embeddings_errors_name_the_file(tmp_path):
+    embeddings = np.ones((3, 8), np.float32)
+    np.save(tmp_path / "e.npy", embeddings)
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes((tmp_path / "e.npy").read_bytes()[:100])
+    with pytest.raises(UnreadableWeightsError, match=r"cut\.npy: not a readable \.npy array"):
+        load_class_embeddings(cut)
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UnreadableWeightsError, match=r"objects\.npy: not a readable \.npy array.*allow_pickle"):
+        load_class_embeddings(tmp_path / "objects.npy")
+    embeddings[1, 4] = np.nan
+    np.save(tmp_path / "nan.npy", embeddings)
+    with pytest.raises(UnreadableWeightsError, match=r"nan\.npy: 1 NaN or infinite value\(s\), in class row\(s\) \[1"):
+        load_class_embeddings(tmp_path / "nan.npy")
+
+
+def test_weights_with_nan_are_refused_naming_the_file_and_key(tmp_path):
+    """A NaN in a weights file would otherwise show only as a NaN loss at the first step."""
+    kernel = np.ones((3, 4), np.float32)
+    kernel[0, 0] = np.inf
+    path = save_safetensors(str(tmp_path / "w.safetensors"), {"dense.weight": kernel, "dense.bias": np.zeros(3)})
+    target = {"dense": {"kernel": jax.ShapeDtypeStruct((4, 3), np.float32),
+                        "bias": jax.ShapeDtypeStruct((3,), np.float32)}}
+    with pytest.raises(WeightLoadingError, match=r"(?s)cannot load .*w\.safetensors: .*1 with NaN or infinite values"
+                                                 r".*non-finite  dense\.weight: 1 of 12 values"):
+        convert_state_dict(read_state_dict(path), target, source=path)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vpd_jax.weights import torch_archive
+from vpd_jax.weights.io import UnreadableWeightsError
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool])
@@ -88,3 +89,43 @@ def test_rejects_out_of_bounds_views_and_non_archives(tmp_path):
     (tmp_path / "legacy.pth").write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(ValueError, match=r"legacy\.pth.*not a torch zip"):
         torch_archive.load(tmp_path / "legacy.pth")
+
+
+def test_truncated_or_corrupt_archives_name_the_file(tmp_path):
+    """Reading errors say what is wrong with which file, and are not called unsafe pickles."""
+    torch.save(torch.arange(1000, dtype=torch.float32), tmp_path / "t.pth")
+    data = (tmp_path / "t.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UnreadableWeightsError, match=r"cut\.pth \([\d,]+ bytes\): not a torch zip archive: truncated"):
+        torch_archive.load(tmp_path / "cut.pth")
+    with pytest.raises(FileNotFoundError, match=r"absent\.pth: no such file"):
+        torch_archive.load(tmp_path / "absent.pth")
+    (tmp_path / "old.pth").write_bytes(pickle.dumps([1, 2], protocol=2))
+    with pytest.raises(UnreadableWeightsError, match=r"old\.pth .*a legacy pre-1\.6 torch\.save file"):
+        torch_archive.load(tmp_path / "old.pth")
+
+    # Flip bytes inside the stored tensor record: the zip's CRC check fails when it is read.
+    with zipfile.ZipFile(tmp_path / "t.pth") as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+    corrupt = bytearray(data)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    corrupt[start + 100: start + 110] = bytes(10)
+    (tmp_path / "crc.pth").write_bytes(bytes(corrupt))
+    with pytest.raises(UnreadableWeightsError, match=r"crc\.pth: truncated or corrupt torch archive: BadZipFile"):
+        torch_archive.load(tmp_path / "crc.pth")
+
+
+def test_a_refusal_inside_a_tensor_names_the_file(tmp_path):
+    """BUILD state on a rebuilt tensor is refused from inside the stand-in tensor, which does not know the file."""
+    t = torch.ones(2)
+    torch.save(t, tmp_path / "t.pth")
+    with zipfile.ZipFile(tmp_path / "t.pth") as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    name = next(n for n in files if n.endswith("data.pkl"))
+    stop = files[name].rindex(b".")
+    files[name] = files[name][:stop] + b"}b."  # BUILD with an empty dict on the tensor, then STOP
+    with zipfile.ZipFile(tmp_path / "built.pth", "w") as z:
+        for n, b in files.items():
+            z.writestr(n, b)
+    with pytest.raises(torch_archive.UnsafePickleError, match=r"built\.pth: pickle tried to set state on a tensor"):
+        torch_archive.load(tmp_path / "built.pth")

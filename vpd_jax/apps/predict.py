@@ -22,7 +22,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vpd_jax import visualize
 from vpd_jax.data import shapes
@@ -31,15 +31,17 @@ from vpd_jax.run.setup import setup
 from vpd_jax.run.start import restore_step
 from vpd_jax.tasks.registry import task_class
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def list_images(inputs: Sequence[str]) -> list[str]:
-    """Image files named directly or found (non-recursively) in the named folders, in sorted order."""
+    """Image files named directly or found (non-recursively) in the named folders, in sorted order, each once.
+    Two different files with the same name stem would write the same outputs (`<stem>_*.png`): an error names them."""
     files = []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_SUFFIXES))
+            found = sorted(os.path.join(item, f) for f in os.listdir(item)
+                           if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
             if not found:
                 raise FileNotFoundError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             files += found
@@ -47,15 +49,68 @@ def list_images(inputs: Sequence[str]) -> list[str]:
             files.append(item)
         else:
             raise FileNotFoundError(f"{item}: no such image or folder")
+    files = list(dict.fromkeys(os.path.normpath(f) for f in files))  # a file named twice is predicted once
+    by_stem: dict[str, list[str]] = {}
+    for f in files:
+        by_stem.setdefault(os.path.splitext(os.path.basename(f))[0], []).append(f)
+    clashes = {stem: paths for stem, paths in by_stem.items() if len(paths) > 1}
+    if clashes:
+        raise ValueError("these inputs would write the same output files (<stem>_*.png): "
+                         + "; ".join(f"{' and '.join(paths)} (stem {stem!r})" for stem, paths in clashes.items())
+                         + ". Rename one, or predict them in separate runs with different --output folders")
     return files
 
 
+class UnreadableImageError(ValueError):
+    """An input image that cannot be read or shown as 8-bit RGB: the message names the file and why."""
+
+
+# Grey levels of 16-bit images span 0..65535 (PNG and TIFF; Pillow opens 16-bit grey as 'I;16*' or as 'I').
+_MAX_16BIT = 65535
+
+
 def read_image(path: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file as a viewer displays it: EXIF orientation applied (so the height and
+    width are the displayed ones), 16-bit grey levels (0..65535) and floating-point images (0..1) scaled to 8
+    bits, palette, grey, CMYK and YCbCr images converted to RGB, and an alpha channel composited over white, the
+    background viewers and browsers show. Other value ranges are refused, naming the file."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except OSError as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from err
+            return _displayed_rgb(ImageOps.exif_transpose(image), path)
+    except UnreadableImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
+
+
+def _displayed_rgb(image: Image.Image, path: str) -> np.ndarray:
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):
+        grey = np.asarray(image).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > _MAX_16BIT):
+            raise UnreadableImageError(
+                f"{path}: 32-bit integer grey levels from {grey.min()} to {grey.max()}, outside the 16-bit range "
+                f"0..{_MAX_16BIT} that can be scaled to 8 bits as a viewer shows it; save it as an 8- or 16-bit image")
+        return _grey_to_rgb((grey * 255 + _MAX_16BIT // 2) // _MAX_16BIT)
+    if mode == "F":
+        grey = np.asarray(image, np.float64)
+        if grey.size and not (np.isfinite(grey).all() and grey.min() >= 0.0 and grey.max() <= 1.0):
+            raise UnreadableImageError(
+                f"{path}: floating-point grey levels from {np.nanmin(grey):g} to {np.nanmax(grey):g} (or NaN), not "
+                "the range 0..1 that can be scaled to 8 bits; save it as an 8- or 16-bit image")
+        return _grey_to_rgb(np.round(grey * 255))
+    if image.has_transparency_data:  # an alpha channel, or a palette / grey level marked transparent
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    try:
+        return np.asarray(image.convert("RGB"))
+    except ValueError as err:  # a mode Pillow cannot convert (e.g. LAB)
+        raise UnreadableImageError(f"{path}: {mode} images cannot be shown as RGB ({err})") from err
+
+
+def _grey_to_rgb(levels: np.ndarray) -> np.ndarray:
+    return np.repeat(levels.astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def class_names(num_classes: int, names_file: str | None = None) -> list[str]:

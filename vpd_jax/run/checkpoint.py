@@ -13,10 +13,12 @@ directory, which `latest_step()` ignores and the next CheckpointManager deletes 
 before its first save).
 
 All processes call `save` and `restore` (Orbax coordinates them); vpd_jax/run/start.py decides where a run's state
-comes from.
+comes from. A step that cannot be read (a file truncated or deleted by hand, a disk error) raises
+CheckpointReadError naming the step directory and what the reader said.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,6 +31,7 @@ from etils import epath
 
 STATE, CONFIG, DATA = "state", "config", "data"
 _MAX_LISTED = 10
+_MAX_DETAIL = 300  # characters of a reader's error in CheckpointReadError (tensorstore's repeat whole specs)
 
 
 # --------------------------------------------------------------------------------- the data-iterator item
@@ -46,6 +49,17 @@ def _iterator_checkpoint(iterator: Any) -> tuple[Callable[[str], Any], Callable[
                         "with save(path_prefix) and restore(path)")
     ckpt = tf.train.Checkpoint(iterator=iterator)
     return ckpt.write, lambda prefix: ckpt.read(prefix).assert_consumed()
+
+
+def _root_cause(err: BaseException) -> str:
+    """'Type: first line' of the innermost exception behind `err` (tensorstore's says which file and what is
+    wrong with it, e.g. a byte range past the end of a truncated file; the outer ones repeat whole specs)."""
+    for _ in range(20):  # a bound, in case of a cycle
+        if (err.__cause__ or err.__context__) is None:
+            break
+        err = err.__cause__ or err.__context__
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:_MAX_DETAIL] if text else ''}"
 
 
 def _process_dirs(directory: epath.Path) -> list[str]:
@@ -96,6 +110,10 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's state does not fit the model: lists the first missing, unexpected and mis-shaped keys."""
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint step that cannot be read: names its directory and the reader's error."""
 
 
 def _key_name(key: Any) -> str:
@@ -222,28 +240,62 @@ class Checkpointer:
     def has_data(self, step: int) -> bool:
         return (self._step_dir(step) / DATA).exists()
 
+    def data_processes(self, step: int) -> list[str]:
+        """The processes whose data iterators `step` holds ('process_0', ...)."""
+        return _process_dirs(self._step_dir(step) / DATA)
+
+    def check_fits(self, step: int, abstract_state: Any) -> None:
+        """Raises CheckpointMismatchError (naming keys) unless the state saved at `step` has the keys and shapes of
+        `abstract_state`; reads only the checkpoint's metadata."""
+        with self._reading(step):
+            saved = self.manager.item_metadata(step)[STATE]
+        saved = getattr(saved, "tree", saved)
+        if not saved and jax.tree.leaves(abstract_state):
+            raise CheckpointReadError(f"checkpoint {self._step_dir(step)} cannot be read: its state has no readable "
+                                      f"metadata ({self._step_dir(step) / STATE / '_METADATA'} missing or empty)")
+        check_state_matches(saved, abstract_state, str(self._step_dir(step)))
+
     def restore(self, step: int, abstract_state: Any, *, data_iterator: Any = None) -> Any:
         """The state of `step`, restored into `abstract_state`'s shardings; restores `data_iterator` in place.
 
-        Raises CheckpointMismatchError (naming keys) when the saved tree does not fit `abstract_state`.
+        Raises CheckpointMismatchError (naming keys) when the saved tree does not fit `abstract_state`, and
+        CheckpointReadError when the step cannot be read.
         """
         abstract_state = abstract_like(abstract_state)
         _check_target_shardings(abstract_state)
-        source = str(self._step_dir(step))
-        saved = self.manager.item_metadata(step)[STATE]
-        check_state_matches(getattr(saved, "tree", saved), abstract_state, source)
+        self.check_fits(step, abstract_state)
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             if not self.has_data(step):
-                raise FileNotFoundError(f"checkpoint {source} has no data-iterator state: it was saved without one, "
-                                        "so the input stream cannot continue where it stopped")
+                raise FileNotFoundError(f"checkpoint {self._step_dir(step)} has no data-iterator state: it was saved "
+                                        "without one, so the input stream cannot continue where it stopped")
             items[DATA] = DataIteratorRestore(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+        with self._reading(step):
+            return self.manager.restore(step, args=ocp.args.Composite(**items))[STATE]
 
     def restore_config(self, step: int) -> dict | None:
+        """The config saved with `step` (a JSON dict), or None when it was saved without one."""
         if not (self._step_dir(step) / CONFIG).exists():
             return None
-        return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+        with self._reading(step):
+            return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+    @contextlib.contextmanager
+    def _reading(self, step: int):
+        """Turns a reader's error on `step` into a CheckpointReadError naming the step directory (errors this module
+        raises itself, and a missing data-iterator state, already name it)."""
+        try:
+            yield
+        except (CheckpointMismatchError, CheckpointReadError):
+            raise
+        except FileNotFoundError as err:
+            if str(self._step_dir(step)) in str(err):
+                raise
+            raise CheckpointReadError(f"checkpoint {self._step_dir(step)} cannot be read: a file is missing "
+                                      f"({err})") from err
+        except Exception as err:  # tensorstore's, Orbax's and JSON's errors do not name the step
+            raise CheckpointReadError(f"checkpoint {self._step_dir(step)} cannot be read: {_root_cause(err)} (the "
+                                      "full error is chained below)") from err
 
     def wait_until_finished(self) -> None:
         self.manager.wait_until_finished()

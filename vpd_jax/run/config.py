@@ -4,7 +4,9 @@ their task and paper need. Field meanings:
   task                 a task of vpd_jax.tasks.registry: 'seg' | 'depth' | 'refer' | 'ldznet' | 'probe'
   seed                 parameter init and dropout (the input pipeline has its own, data.seed)
   init                 pretrained Stable Diffusion weights: a diffusers pipeline root or a CompVis file
-  resume               another run's checkpoint directory (or one step directory) to start from
+  resume               another run's checkpoint directory (or one step directory) to start from (a workdir that has
+                       checkpoints resumes its own: its data stream continues, so the data, batch size and number
+                       of processes must be the checkpoint's; a changed schedule or mesh is allowed and logged)
   model.*              the task's model (its Task.model_config lists the fields; VPD: vpd_jax/tasks/vpd.py):
     arch               'init' (architecture read from `init`) or a preset of vpd_jax.models.presets
     text_encoder       CLIP text model folder ('' = the `init` pipeline's text_encoder/), for tasks with text
@@ -36,12 +38,15 @@ their task and paper need. Field meanings:
   sharding_rules       logical axis -> mesh axes (vpd_jax.parallel)
   log_every, ckpt_every, keep_ckpts, async_ckpt, eval_every (0 = only at the end), eval_max_batches (0 = all)
   eval_at_start        also evaluate the state a run starts from at step 0 (eval_0.json: the untrained model)
-  nonfinite            'stop': a NaN/inf loss or gradient stops the run naming the step; 'skip': the update is
-                       skipped and counted. Either way a non-finite update never reaches the parameters.
-  nonfinite_check      what decides that a step is non-finite: 'gradients' (loss, gradient norm and learning rate,
-                       before the update, which then happens in place; needs optim.eps > 0) or 'updates' (also the
-                       update itself, at the cost of about one more copy of the trainable parameters in memory
-                       at the step's peak; `python -m bench.run --full` measures it). The references have no guard.
+  nonfinite            'stop': a non-finite step (NaN/inf loss, gradient norm, learning rate, or norm of the new
+                       parameters, which also overflows when an update explodes) stops the run naming the step;
+                       'skip': the step is skipped, counted and logged as a warning. Either way its update never
+                       reaches the parameters, and no checkpoint holds a run that should have stopped.
+  nonfinite_max_consecutive  'skip' stops the run after this many consecutive non-finite steps
+  nonfinite_check      how the step is checked before it is applied: 'gradients' (a first pass of the update gives
+                       the new parameters' norm, then the update happens in place) or 'updates' (the whole new state
+                       is computed, then kept or dropped: about one more copy of the trainable parameters in memory
+                       at the step's peak; `python -m bench.run --full` measures both). The references have no guard.
   eval.*               the task's evaluation protocol (its Task.eval_config; VPD: spec 2.4, 3.6, 4.4)
 """
 from __future__ import annotations
@@ -88,6 +93,7 @@ def base_config(task: str, data_name: str) -> ml_collections.ConfigDict:
     c.eval_at_start = False
     c.eval_max_batches = 0
     c.nonfinite = "stop"
+    c.nonfinite_max_consecutive = 10
     c.nonfinite_check = "gradients"
     c.eval = cls.eval_config()
     return c

@@ -1,9 +1,15 @@
-"""Run logs: metrics.jsonl and TensorBoard summaries (process 0), the console progress line, run metadata."""
+"""Run logs: metrics.jsonl and TensorBoard summaries (process 0), the console progress line, run metadata.
+
+A workdir holds, besides checkpoints/: config.json (the resolved config of the latest start) and versions.json
+(library versions and devices of that start). When a restart's differs, the previous one is kept as config.1.json,
+config.2.json, ... (versions.1.json, ...), oldest first, so the record of a run is never overwritten.
+"""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from importlib import metadata
@@ -27,15 +33,59 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def check_workdir(workdir: str) -> None:
+    """Fails, naming the path, unless the run can write `workdir`: an existing directory it may write, or one it
+    may create; and the entries it writes there, when they exist, of the right kind. Writes nothing. URLs
+    (gs://...) are left to their storage client."""
+    if "://" in workdir:
+        return
+    path = os.path.abspath(workdir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    what = "--workdir" if existing == path else f"--workdir={workdir!r} cannot be created:"
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{what} {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {existing} is not writable by this user")
+    for name, is_dir in (("checkpoints", True), ("tensorboard", True), ("config.json", False),
+                         ("metrics.jsonl", False)):
+        entry = os.path.join(path, name)
+        if os.path.exists(entry) and os.path.isdir(entry) != is_dir:
+            raise ValueError(f"--workdir: {entry} is a {'file' if is_dir else 'directory'}; the run writes a "
+                             f"{'directory' if is_dir else 'file'} there")
+
+
 def write_run_metadata(workdir: str, config) -> None:
-    """The resolved config and the library versions, next to the checkpoints (process 0 only)."""
+    """The resolved config and the library versions, next to the checkpoints (process 0 only); a previous,
+    different record is kept (module docstring)."""
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    with open(os.path.join(workdir, "versions.json"), "w") as f:
-        json.dump(library_versions(), f, indent=2)
+    write_keeping_previous(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True))
+    write_keeping_previous(os.path.join(workdir, "versions.json"), json.dumps(library_versions(), indent=2))
+
+
+def write_keeping_previous(path: str, text: str) -> str | None:
+    """Writes `text` to `path` atomically; a different file already there is first kept as `<stem>.<n><ext>` (the
+    first free n from 1). Returns the kept copy's path, or None."""
+    kept = None
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return None
+        stem, ext = os.path.splitext(path)
+        n = 1
+        while os.path.exists(f"{stem}.{n}{ext}"):
+            n += 1
+        kept = f"{stem}.{n}{ext}"
+        shutil.copy2(path, kept)
+        logging.info("%s differs from this start's; the previous one is kept as %s", path, kept)
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)  # a crash leaves the old file or the new one, never half of one
+    return kept
 
 
 class MetricWriter:

@@ -64,11 +64,18 @@ def text_encoder_path(config) -> str:
     return config.model.text_encoder or config.init
 
 
-def host_data_config(config, process_count: int) -> ml_collections.ConfigDict:
-    """config.data with the per-host batch sizes derived from the global ones."""
+def check_batch_sizes(config, process_count: int) -> None:
+    """The global batch sizes are positive and split evenly over the processes (each reads its share)."""
     for name in ("batch_size", "eval_batch_size"):
+        if config[name] <= 0:
+            raise ValueError(f"config.{name}={config[name]} must be positive")
         if config[name] % process_count:
             raise ValueError(f"config.{name}={config[name]} is not divisible by the {process_count} processes")
+
+
+def host_data_config(config, process_count: int) -> ml_collections.ConfigDict:
+    """config.data with the per-host batch sizes derived from the global ones."""
+    check_batch_sizes(config, process_count)
     data = copy.deepcopy(config.data)
     data.unlock()
     data.batch_size_per_host = config.batch_size // process_count

@@ -7,10 +7,23 @@
 
 Evaluation and predictions restore one step of a run (`restore_step`). Every state is created or restored directly
 in its shards.
+
+Before anything is built or written, a training run checks that it can start from there (training.py calls these in
+this order):
+  `workdir_checkpoint` + `check_resume`   the workdir's checkpoint continues one data stream: a run whose data,
+                                          batch size or number of processes differ from the checkpoint's config is
+                                          refused by name (RESUME_REFUSED); other differences are logged
+                                          (`log_resume_differences`: schedule and the rest as warnings, the mesh
+                                          as information, since the state is resharded on restore);
+  `check_checkpoint_fits`                 its state has the model's keys and shapes (metadata only); likewise
+  `check_resume_source_fits`              for config.resume's checkpoint;
+  `read_pretrained`                       config.init's weights fit the model (read once, then placed by
+                                          `load_pretrained`).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -47,6 +60,14 @@ def _resume_location(path: str) -> tuple[epath.Path, int | None]:
     return location, None
 
 
+def _resume_step(other: checkpoint.Checkpointer, resume: str, step: int | None) -> int:
+    """`step` (default: the latest) of config.resume's checkpoints, which must be complete."""
+    step = other.latest_step() if step is None else step
+    if step is None or step not in other.all_steps():
+        raise FileNotFoundError(f"config.resume={resume!r}: no complete checkpoint there (steps: {other.all_steps()})")
+    return step
+
+
 def restore_or_initialize(
     checkpointer: checkpoint.Checkpointer,
     *,
@@ -72,15 +93,9 @@ def restore_or_initialize(
         return StartState(state, step, "workdir", str(checkpointer.directory / str(step)))
     if resume:
         root, step = _resume_location(resume)
-        other = checkpoint.Checkpointer(root, read_only=True)
-        try:
-            step = other.latest_step() if step is None else step
-            if step is None or step not in other.all_steps():
-                raise FileNotFoundError(f"config.resume={resume!r}: no complete checkpoint there "
-                                        f"(steps: {other.all_steps()})")
+        with checkpoint.Checkpointer(root, read_only=True) as other:
+            step = _resume_step(other, resume, step)
             state = other.restore(step, abstract_state)
-        finally:
-            other.close()
         logging.info("started from config.resume=%s, step %d", resume, step)
         return StartState(state, step, "resume", str(root / str(step)))
     if init:
@@ -94,37 +109,160 @@ def restore_or_initialize(
     return StartState(init_fn(), 0, "scratch")
 
 
-def start_state(config, trainer: Trainer, ckpt: checkpoint.Checkpointer, train_iter) -> StartState:
+def start_state(config, trainer: Trainer, ckpt: checkpoint.Checkpointer, train_iter,
+                pretrained: dict | None = None) -> StartState:
     """The state a training run starts from (the order of the module docstring), created or restored in its
-    shards. A workdir checkpoint that does not fit the model is an error that also lists how the config it was
-    written with differs from this one."""
+    shards; `pretrained`: config.init's weights as `read_pretrained` gave them (read here when not given). A
+    workdir checkpoint that does not fit the model is an error that also lists how the config it was written with
+    differs from this one."""
     create = jax.jit(trainer.create_state, out_shardings=trainer.state_shardings)
     try:
         return restore_or_initialize(
             ckpt, abstract_state=trainer.abstract_state, init_fn=lambda: create(jax.random.key(config.seed)),
             data_iterator=train_iter, resume=config.resume, init=config.init,
-            load_init=lambda state, path: load_pretrained(trainer, state, path))
+            load_init=lambda state, path: load_pretrained(trainer, state, path, pretrained))
     except checkpoint.CheckpointMismatchError as err:
         step = ckpt.latest_step()
         saved = ckpt.restore_config(step) if step is not None else None
         if saved is None:
             raise
-        differences = "\n  ".join(config_differences(saved, config)[:20]) or "(none)"
-        raise checkpoint.CheckpointMismatchError(
-            f"{err}\nThe workdir's checkpoint {step} was written by a run whose config differs from this one in:\n  "
-            f"{differences}\nUse another --workdir, or the config that wrote it.") from None
+        raise _mismatch_with_differences(err, ckpt.directory / str(step), saved, config) from None
 
 
-def config_differences(saved: dict, config) -> list[str]:
-    """'key: checkpoint a, this run b' for every leaf that differs between a checkpoint's config and `config`."""
-    def flat(tree, prefix=""):
-        if not isinstance(tree, dict):
-            return {prefix[:-1]: tree}
-        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+def _mismatch_with_differences(err: Exception, where, saved: dict, config) -> checkpoint.CheckpointMismatchError:
+    differences = "\n  ".join(config_differences(saved, config)[:20]) or "(none)"
+    return checkpoint.CheckpointMismatchError(
+        f"{err}\nThe workdir's checkpoint {where} was written by a run whose config differs from this one in:\n  "
+        f"{differences}\nUse another --workdir, or the config that wrote it.")
 
-    old, new = flat(saved), flat(checkpoint.config_to_json(config))
-    return [f"{k}: checkpoint {old.get(k, '(absent)')!r}, this run {new.get(k, '(absent)')!r}"
-            for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+def _flat_config(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat_config(value, f"{prefix}{key}.").items()}
+
+
+_ABSENT = "(absent)"
+
+
+def differing_keys(saved: dict, config) -> list[str]:
+    """The dotted keys whose values differ between a checkpoint's config (JSON) and `config`."""
+    old, new = _flat_config(saved), _flat_config(checkpoint.config_to_json(config))
+    return [k for k in sorted(old.keys() | new.keys()) if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+
+
+def config_differences(saved: dict, config, keys: list[str] | None = None) -> list[str]:
+    """'key: checkpoint a, this run b' for every leaf that differs between a checkpoint's config and `config`
+    (or for `keys`)."""
+    old, new = _flat_config(saved), _flat_config(checkpoint.config_to_json(config))
+    keys = differing_keys(saved, config) if keys is None else keys
+    return [f"{k}: checkpoint {old.get(k, _ABSENT)!r}, this run {new.get(k, _ABSENT)!r}" for k in keys]
+
+
+# ------------------------------------------------------------------------------ checks before anything is built
+
+# How a run that resumes its workdir's checkpoint may differ from the run that wrote it, by dotted config key (a key
+# or one of its parents). The restored input iterator continues one data stream: what it reads, how it batches and
+# augments, and its per-process split cannot change under it.
+RESUME_REFUSED = ("task", "batch_size", "data")
+# ... except where the same data is read from, and what only evaluation reads (its pipeline starts afresh).
+RESUME_ALLOWED_DATA = ("data.data_dir", "data.manual_dir", "data.eval_split", "data.eval_batch_size_per_host",
+                       "data.seg_eval_pad_multiple")
+# The state is restored into the new mesh's shardings.
+RESUME_RESHARDED = ("mesh", "sharding_rules")
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkdirCheckpoint:
+    """The latest complete checkpoint of a workdir, as found before the run builds anything."""
+
+    directory: str  # the step directory
+    step: int
+    config: dict | None  # the config it was written with (None: saved without one)
+    processes: list[str]  # whose data iterators it holds ('process_0', ...)
+
+
+def workdir_checkpoint(root: str) -> WorkdirCheckpoint | None:
+    """The latest complete checkpoint under `root` (a workdir's checkpoints/), or None; creates, cleans up and
+    writes nothing."""
+    if not epath.Path(root).exists():
+        return None
+    with checkpoint.Checkpointer(root, read_only=True) as ckpt:
+        step = ckpt.latest_step()
+        if step is None:
+            return None
+        return WorkdirCheckpoint(str(ckpt.directory / str(step)), step, ckpt.restore_config(step),
+                                 ckpt.data_processes(step))
+
+
+def check_resume(found: WorkdirCheckpoint, config, process_count: int) -> None:
+    """Refuses, naming the fields, to continue `found` with a config whose data stream differs (RESUME_REFUSED), or
+    on another number of processes; says how to start a new workdir instead."""
+    if set(found.processes) != {f"process_{i}" for i in range(process_count)}:
+        raise ValueError(
+            f"the workdir's checkpoint {found.directory} holds the input iterators of {len(found.processes)} "
+            f"process(es) ({', '.join(found.processes) or 'none'}) and this run has {process_count}: its input "
+            f"stream cannot be continued here. {_new_workdir_hint(found)}")
+    if found.config is None:
+        logging.warning("the workdir's checkpoint %s was saved without its config: the new config cannot be "
+                        "compared with it", found.directory)
+        return
+    refused = [k for k in differing_keys(found.config, config)
+               if _under(k, RESUME_REFUSED) and not _under(k, RESUME_ALLOWED_DATA)]
+    if refused:
+        raise ValueError(
+            f"the workdir's checkpoint {found.directory} continues a data stream that this config changes:\n  "
+            + "\n  ".join(config_differences(found.config, config, refused))
+            + f"\nA resumed run reads on where its input stream stopped, so these fields must keep the checkpoint's "
+              f"values. {_new_workdir_hint(found)}")
+
+
+def _new_workdir_hint(found: WorkdirCheckpoint) -> str:
+    return (f"To train with this config, use a new --workdir (with --config.resume={found.directory} to start from "
+            f"this checkpoint's state and a fresh input stream).")
+
+
+def check_checkpoint_fits(found: WorkdirCheckpoint, trainer: Trainer, config) -> None:
+    """Refuses a workdir checkpoint whose state does not have the model's keys and shapes (reading only its
+    metadata), listing the config differences that explain it."""
+    root, step = os.path.dirname(found.directory), found.step
+    with checkpoint.Checkpointer(root, read_only=True) as ckpt:
+        try:
+            ckpt.check_fits(step, trainer.abstract_state)
+        except checkpoint.CheckpointMismatchError as err:
+            if found.config is None:
+                raise
+            raise _mismatch_with_differences(err, found.directory, found.config, config) from None
+
+
+def log_resume_differences(found: WorkdirCheckpoint, config) -> None:
+    """Logs how `config` differs from the config of the checkpoint it resumes: the mesh and sharding rules as
+    information (the state is resharded on restore), the rest (schedule, evaluation, ...) as a warning."""
+    if found.config is None:
+        return
+    keys = differing_keys(found.config, config)
+    layout = [k for k in keys if _under(k, RESUME_RESHARDED)]
+    others = [k for k in keys if k not in layout]
+    if layout:
+        logging.info("resuming %s on another layout (the state is resharded on restore):\n  %s", found.directory,
+                     "\n  ".join(config_differences(found.config, config, layout)))
+    if others:
+        logging.warning("resuming %s with a config that differs from the checkpoint's in:\n  %s", found.directory,
+                        "\n  ".join(config_differences(found.config, config, others)))
+    if config.total_steps <= found.step:
+        logging.warning("config.total_steps=%d and the workdir's checkpoint is at step %d: nothing to train, the run "
+                        "only evaluates", config.total_steps, found.step)
+
+
+def check_resume_source_fits(config, trainer: Trainer) -> None:
+    """config.resume's checkpoint has the model's keys and shapes (metadata only)."""
+    root, step = _resume_location(config.resume)
+    with checkpoint.Checkpointer(root, read_only=True) as other:
+        other.check_fits(_resume_step(other, config.resume, step), trainer.abstract_state)
 
 
 def restore_step(trainer: Trainer, root: str, step: int | None = None) -> tuple[dict, int]:
@@ -157,22 +295,33 @@ def _pretrained_params(config, task: Task) -> tuple[dict, Callable[[tuple[str, .
     return task.pretrained_params(unet, vae, text_encoder)
 
 
-def load_pretrained(trainer: Trainer, state: dict, path: str) -> dict:
-    """Replace the parameters the pretrained files provide (UNet, VAE, CLIP; per task) in a freshly created
-    state, placed directly into their shards, and rebuild the optimizer state (and EMA) from them."""
+def read_pretrained(trainer: Trainer, path: str) -> dict:
+    """config.init's weights for the trainer's model: flattened host arrays, checked against the model's
+    parameter shapes (no state needs to exist yet), so that a mismatch shows before the pipeline and the state
+    are built."""
     config = trainer.config
     loaded, keeps_init = _pretrained_params(config, trainer.task)
     loaded = flatten_dict(loaded)
-    params = flatten_dict(trainer.info.merge(state["params"], state["frozen"]))
-    shardings = flatten_dict(trainer.info.merge(trainer.state_shardings["params"], trainer.state_shardings["frozen"]))
+    abstract = trainer.abstract_state
+    params = flatten_dict(trainer.info.merge(abstract["params"], abstract["frozen"]))
     missing = sorted("/".join(p) for p in params
                      if p[0] in {q[0] for q in loaded} and p not in loaded and not keeps_init(p))
     unexpected = sorted("/".join(p) for p in loaded if p not in params)
     mismatched = sorted(f"{'/'.join(p)}: {loaded[p].shape} vs model {params[p].shape}" for p in loaded
-                        if p in params and loaded[p].shape != params[p].shape)
+                        if p in params and tuple(loaded[p].shape) != tuple(params[p].shape))
     if missing or unexpected or mismatched:
-        raise ValueError(f"config.init={path!r} does not fit the model: missing {missing[:10]}, unexpected "
-                         f"{unexpected[:10]}, mis-shaped {mismatched[:10]}")
+        raise ValueError(f"config.init={path!r} does not fit the model (config.model.arch={config.model.arch!r}): "
+                         f"missing {missing[:10]}, unexpected {unexpected[:10]}, mis-shaped {mismatched[:10]}")
+    return loaded
+
+
+def load_pretrained(trainer: Trainer, state: dict, path: str, loaded: dict | None = None) -> dict:
+    """Replace the parameters the pretrained files provide (UNet, VAE, CLIP; per task) in a freshly created
+    state, placed directly into their shards, and rebuild the optimizer state (and EMA) from them. `loaded`:
+    `read_pretrained(trainer, path)`, read here when not given."""
+    loaded = read_pretrained(trainer, path) if loaded is None else loaded
+    params = flatten_dict(trainer.info.merge(state["params"], state["frozen"]))
+    shardings = flatten_dict(trainer.info.merge(trainer.state_shardings["params"], trainer.state_shardings["frozen"]))
     for p, value in loaded.items():
         params[p] = parallel.place(np.asarray(value, params[p].dtype), shardings[p])
     make_state = jax.jit(trainer.state_from_variables, out_shardings=trainer.state_shardings)

@@ -1,8 +1,9 @@
 """The sharded train state and the jitted train step of a task on a mesh (`build_trainer` -> `Trainer`).
 
 The train state is a dict: step, params (trainable), frozen (VAE, CLIP), batch_stats, opt_state, and the
-count / first step of non-finite updates (which are never applied, see config.nonfinite). Steps are counted as
-the logs count them: train step s is the s-th update, the one that turns state step s - 1 into s.
+counters of non-finite steps (NONFINITE_COUNTERS; such a step's update is never applied, see config.nonfinite).
+Steps are counted as the logs count them: train step s is the s-th update, the one that turns state step s - 1
+into s.
 """
 from __future__ import annotations
 
@@ -23,14 +24,36 @@ from vpd_jax.tasks.base import Task
 
 # ------------------------------------------------------------------------------------------------ the state
 
+# Int32 scalars of the state, all 0 at step 0 (steps are train steps, 0 = none):
+#   nonfinite                      how many train steps were non-finite (and not applied)
+#   first_nonfinite_step           the first of them
+#   nonfinite_streak               how many consecutive train steps up to this state's step were non-finite
+#   longest_nonfinite_streak       the longest such run so far, and the train step it ended at
+#   longest_nonfinite_streak_end
+NONFINITE_COUNTERS = ("nonfinite", "first_nonfinite_step", "nonfinite_streak", "longest_nonfinite_streak",
+                      "longest_nonfinite_streak_end")
+
 
 def initial_state(tx: optax.GradientTransformation, info: optim.OptimizerInfo, params: dict,
                   batch_stats: dict) -> dict:
     """The train state at step 0 for the model variables `params` / `batch_stats`."""
     trainable, frozen = info.split(params)
     return dict(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen, batch_stats=batch_stats,
-                opt_state=tx.init(trainable), nonfinite=jnp.zeros((), jnp.int32),
-                first_nonfinite_step=jnp.zeros((), jnp.int32))
+                opt_state=tx.init(trainable), **{name: jnp.zeros((), jnp.int32) for name in NONFINITE_COUNTERS})
+
+
+def count_nonfinite(state: dict, finite: jax.Array, step: jax.Array) -> dict:
+    """The NONFINITE_COUNTERS after train step `step`, finite or not."""
+    bad = ~finite
+    streak = jnp.where(bad, state["nonfinite_streak"] + 1, 0)
+    longer = streak > state["longest_nonfinite_streak"]
+    return dict(
+        nonfinite=state["nonfinite"] + bad.astype(jnp.int32),
+        first_nonfinite_step=jnp.where(bad & (state["nonfinite"] == 0), step, state["first_nonfinite_step"]),
+        nonfinite_streak=streak,
+        longest_nonfinite_streak=jnp.where(longer, streak, state["longest_nonfinite_streak"]),
+        longest_nonfinite_streak_end=jnp.where(longer, step, state["longest_nonfinite_streak_end"]),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,16 +103,8 @@ class Trainer:
         if new_stats is not None:
             batch_stats = _keep_if(finite, new_stats, batch_stats)
 
-        first_bad = state["nonfinite"] == 0
-        new_state = dict(
-            step=step + 1,
-            params=params,
-            frozen=state["frozen"],
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-            nonfinite=state["nonfinite"] + (~finite).astype(jnp.int32),
-            first_nonfinite_step=jnp.where(~finite & first_bad, step + 1, state["first_nonfinite_step"]),
-        )
+        new_state = dict(step=step + 1, params=params, frozen=state["frozen"], batch_stats=batch_stats,
+                         opt_state=opt_state, **count_nonfinite(state, finite, step + 1))
         metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(new_state["params"]),
                        lr=lr)
         return new_state, metrics
@@ -97,23 +112,36 @@ class Trainer:
     def _guarded_update(self, grads, state: dict, finite: jax.Array) -> tuple[tuple[Any, Any], jax.Array]:
         """(params, opt_state) after the optimizer update, or as they were when the step is not finite.
 
-        nonfinite_check 'gradients': `finite` (loss, gradient norm and learning rate) decides before the update,
-        which is then computed in place under a lax.cond. With finite gradients, finite hyper-parameters and
-        eps > 0 (build_trainer insists), AdamW's update is finite too. 'updates' also checks the update itself,
-        which must then be complete before the old state may be overwritten: new and old moments and parameters
-        live side by side, about one more copy of the trainable parameters at the step's peak
-        (`python -m bench.run --full` measures it).
+        A step is finite when its loss, gradient norm and learning rate are (`finite`) and so is the norm of the
+        parameters the update would give. That norm comes from a sum of squares in the parameters' dtype, which
+        also overflows when an update explodes without producing inf or NaN (an lr of 1e30 gives finite but huge
+        parameters from a finite loss, gradient and lr): such a state is never applied, so never checkpointed.
+        The old parameters are finite (every applied state passed this check, and the weight loaders refuse
+        non-finite files), so any non-finite element of the update shows in the norm.
+
+        nonfinite_check 'gradients': a first pass of the update gives only the new parameters' norm, then the
+        update is computed again, in place, under a lax.cond, when the step is finite. It costs the optimizer's
+        elementwise work twice (a memory-bound pass over parameters, gradients and moments). A backend that fuses
+        that arithmetic into the norm's reduction keeps no new parameters in the first pass; XLA:CPU does not
+        fuse it and keeps the first pass's results, as much memory as 'updates' needs.
+        'updates' computes the new state once, completely, before the old one may be overwritten: new and old
+        moments and parameters live side by side, about one more copy of the trainable parameters at the step's
+        peak on any backend (`python -m bench.run --full` measures both).
         """
-        def update(params, opt_state):
+        def update(params, opt_state, grads):
             updates, opt_state = self.tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), updates
+            return optax.apply_updates(params, updates), opt_state
 
         old = (state["params"], state["opt_state"])
         if self.config.nonfinite_check == "updates":
-            new, updates = update(*old)
-            finite = finite & jnp.isfinite(optax.tree.norm(updates))
+            new = update(*old, grads)
+            finite = finite & jnp.isfinite(optax.tree.norm(new[0]))
             return _keep_if(finite, new, old), finite
-        return jax.lax.cond(finite, lambda p, o: update(p, o)[0], lambda p, o: (p, o), *old), finite
+        # The barrier (it renames the inputs, copies nothing) keeps XLA from merging the first pass with the update
+        # under the cond; merged, XLA:CPU kept more of the first pass's results alive until the cond.
+        first_pass_inputs = jax.lax.optimization_barrier((*old, grads))
+        finite = finite & jnp.isfinite(optax.tree.norm(update(*first_pass_inputs)[0]))
+        return jax.lax.cond(finite, update, lambda p, o, g: (p, o), *old, grads), finite
 
     def jit_train_step(self):
         constants_sharding = jax.tree.map(lambda _: self.replicated, self.task.constants)
@@ -130,14 +158,9 @@ NONFINITE_CHECKS = ("gradients", "updates")
 
 
 def check_nonfinite_guard(config) -> None:
-    """config.nonfinite_check is known, and 'gradients' (which trusts a finite gradient to give a finite update)
-    is not combined with eps = 0, where a zero gradient makes AdamW's update 0 / 0."""
+    """config.nonfinite_check is known."""
     if config.nonfinite_check not in NONFINITE_CHECKS:
         raise ValueError(f"config.nonfinite_check={config.nonfinite_check!r}; use one of {NONFINITE_CHECKS}")
-    if config.nonfinite_check == "gradients" and not config.optim.eps > 0:
-        raise ValueError(f"config.optim.eps={config.optim.eps} with config.nonfinite_check='gradients': a zero "
-                         "gradient gives AdamW a 0/0 update that only nonfinite_check='updates' catches; use eps > 0 "
-                         "or that check")
 
 
 def sharding_rules(config) -> tuple:

@@ -7,7 +7,8 @@ becomes `kernel` (conv, dense), `scale` (norms) or `embedding` (embeddings); `bi
 Conv kernels go OIHW -> HWIO, linear weights (out, in) -> (in, out). A 1x1 conv weight loads into a dense
 kernel and vice versa (ldm stores some linear maps as 1x1 convs; the maps are identical).
 
-Every missing, unexpected and mis-shaped key is collected and raised as one `WeightLoadingError`.
+Every missing, unexpected, mis-shaped and non-finite (NaN / inf: a corrupt file) key is collected and raised as one
+`WeightLoadingError` naming the file.
 """
 from __future__ import annotations
 
@@ -29,25 +30,29 @@ _INDEXED = re.compile(r"(.+)_(\d+)")
 
 
 class WeightLoadingError(ValueError):
-    """A state dict does not fit a model. Lists every missing, unexpected and mis-shaped key.
+    """A state dict does not fit a model. Lists every missing, unexpected, mis-shaped and non-finite key.
 
-    Unexpected and mis-shaped keys are named as in the file; missing keys in the canonical PyTorch naming of the
-    model (diffusers / transformers 4.x), since the file has no name for them.
+    Unexpected, mis-shaped and non-finite keys are named as in the file; missing keys in the canonical PyTorch
+    naming of the model (diffusers / transformers 4.x), since the file has no name for them.
     """
 
     def __init__(self, source: str, missing: Sequence[tuple[str, tuple[int, ...]]] = (),
                  unexpected: Sequence[tuple[str, tuple[int, ...]]] = (),
-                 mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]] = ()):
+                 mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
+                 nonfinite: Sequence[tuple[str, int, int]] = ()):
         self.source = source
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)
+        self.nonfinite = list(nonfinite)
         lines = [f"cannot load {source}: {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-                 f"{len(self.mismatched)} mis-shaped key(s) (shapes in PyTorch layout)"]
+                 f"{len(self.mismatched)} mis-shaped key(s) (shapes in PyTorch layout)"
+                 + (f", {len(self.nonfinite)} with NaN or infinite values (a corrupt file?)" if self.nonfinite else "")]
         lines += [f"  missing     {key}: model expects {shape}" for key, shape in self.missing]
         lines += [f"  unexpected  {key}: {shape} in the file" for key, shape in self.unexpected]
         lines += [f"  mis-shaped  {key}: {got} in the file, model expects {want}"
                   for key, got, want in self.mismatched]
+        lines += [f"  non-finite  {key}: {bad} of {size} values" for key, bad, size in self.nonfinite]
         super().__init__("\n".join(lines))
 
 
@@ -123,7 +128,8 @@ def convert_state_dict(
     Returns:
       A plain nested dict of numpy arrays with the structure of `target`.
     Raises:
-      WeightLoadingError listing every missing, unexpected and mis-shaped key.
+      WeightLoadingError listing every missing, unexpected, mis-shaped and non-finite key (checking finiteness is
+      one more pass over the weights: a NaN in a file would otherwise show only as a NaN loss).
     """
     ignore_patterns = [re.compile(p) for p in ignore]
     origin = key_origin or {}
@@ -138,7 +144,7 @@ def convert_state_dict(
         else:
             by_module[name] = key
 
-    params, missing, mismatched = {}, [], []
+    params, missing, mismatched, nonfinite = {}, [], [], []
     for path, leaf in flatten_dict(dict(target)).items():
         flax_leaf = path[-1]
         if flax_leaf not in TORCH_LEAF:
@@ -153,9 +159,16 @@ def convert_state_dict(
         if converted is None:
             mismatched.append((origin.get(torch_key, torch_key), tuple(value.shape), expected))
             continue
-        params[path] = np.asarray(converted, dtype=leaf.dtype)
+        try:
+            params[path] = np.asarray(converted, dtype=leaf.dtype)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"cannot load {source}: {origin.get(torch_key, torch_key)} holds {value.dtype} values "
+                             f"that do not convert to {leaf.dtype} ({err})") from err
+        bad = params[path].size - np.count_nonzero(np.isfinite(params[path]))
+        if bad:
+            nonfinite.append((origin.get(torch_key, torch_key), int(bad), int(params[path].size)))
     unexpected = sorted((origin.get(key, key), tuple(np.shape(state_dict[key])))
                         for key in [*by_module.values(), *colliding])
-    if missing or unexpected or mismatched:
-        raise WeightLoadingError(source, sorted(missing), unexpected, sorted(mismatched))
+    if missing or unexpected or mismatched or nonfinite:
+        raise WeightLoadingError(source, sorted(missing), unexpected, sorted(mismatched), sorted(nonfinite))
     return unflatten_dict(params)

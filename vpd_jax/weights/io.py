@@ -2,12 +2,16 @@
 
 safetensors are read with `safetensors.numpy` (no torch). Pickled checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`)
 are read only through `torch.load(weights_only=True)`, which refuses arbitrary objects; they are never
-unpickled any other way (CONVENTIONS.md 4).
+unpickled any other way.
+
+A file that cannot be read raises `UnreadableWeightsError` (truncated, corrupt, not the format its name says) or
+`UnsafePickleError` (a pickle that holds more than tensors and containers), both naming the file and what is wrong.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Iterable
 
 import numpy as np
@@ -18,6 +22,26 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 STANDARD_WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 
 StateDict = dict[str, np.ndarray]
+
+
+class UnreadableWeightsError(ValueError):
+    """A weights or class-embedding file that cannot be read: the message names the file and what is wrong."""
+
+
+class UnsafePickleError(UnreadableWeightsError, pickle.UnpicklingError):
+    """A pickle that asks for something other than plain tensors and containers (refused before it runs)."""
+
+
+def _describe(path: str) -> str:
+    """'<path> (<n> bytes)', or '<path> (missing)'."""
+    try:
+        return f"{path} ({os.path.getsize(path):,} bytes)"
+    except OSError:
+        return f"{path} (missing)"
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
 
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
@@ -34,25 +58,40 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
 
 
 def _read_safetensors(path: str) -> StateDict:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
-        return load_file(path)
-    except TypeError as err:
-        # numpy has no bfloat16; safetensors' flax reader returns ml_dtypes bfloat16 arrays instead.
-        if "bfloat16" not in str(err):
-            raise
-        from safetensors.flax import load_file as load_file_flax
+        try:
+            return load_file(path)
+        except TypeError as err:
+            # numpy has no bfloat16; safetensors' flax reader returns ml_dtypes bfloat16 arrays instead.
+            if "bfloat16" not in str(err):
+                raise
+            from safetensors.flax import load_file as load_file_flax
 
-        return {k: np.asarray(v) for k, v in load_file_flax(path).items()}
+            return {k: np.asarray(v) for k, v in load_file_flax(path).items()}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such weights file") from None
+    except TypeError as err:
+        raise UnreadableWeightsError(f"{path}: holds tensors of a dtype this reader cannot convert ({err})") from err
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UnreadableWeightsError(f"{_describe(path)}: not a readable safetensors file, truncated or corrupt "
+                                     f"(safetensors: {err})") from err
 
 
 def _read_sharded_safetensors(index_path: str) -> StateDict:
-    with open(index_path) as f:
-        weight_map: dict[str, str] = json.load(f)["weight_map"]
+    try:
+        with open(index_path) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise UnreadableWeightsError(f"{_describe(index_path)}: not a safetensors index (JSON with a "
+                                     f"'weight_map'): {_first_line(err)}") from err
     folder = os.path.dirname(index_path)
     state: StateDict = {}
     for shard in sorted(set(weight_map.values())):
+        if not os.path.isfile(os.path.join(folder, shard)):
+            raise FileNotFoundError(f"{index_path}: shard {shard!r} listed in the index is not in {folder}")
         state.update(_read_safetensors(os.path.join(folder, shard)))
     absent = sorted(k for k in weight_map if k not in state)
     if absent:
@@ -71,7 +110,18 @@ def _read_torch_pickle(path: str) -> StateDict:
             f"weights_only=True); sd = sd.get('state_dict', sd); "
             f"st.save_file({{k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, "
             f"'{os.path.splitext(path)[0]}.safetensors')\"") from None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such weights file") from None
+    except pickle.UnpicklingError as err:
+        # torch's message ("Weights only load failed ...") explains at length and names no file.
+        raise UnsafePickleError(f"{path}: refused by torch.load(weights_only=True): the pickle holds objects other "
+                                f"than tensors and containers, and it is never unpickled any other way "
+                                f"({_first_line(err)})") from err
+    except Exception as err:  # torch raises RuntimeError / EOFError / zip errors for truncated or foreign files
+        raise UnreadableWeightsError(f"{_describe(path)}: not a readable PyTorch checkpoint, truncated or corrupt "
+                                     f"({_first_line(err)})") from err
     # Lightning / CompVis checkpoints wrap the weights: {'state_dict': {...}, 'global_step': ..., ...}.
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):

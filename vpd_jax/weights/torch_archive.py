@@ -6,7 +6,8 @@ persistent ids `('storage', torch.<T>Storage, key, location, numel)`) and one ra
 `<root>/data/<key>` per storage. The restricted unpickler below resolves only those globals, to inert local
 stand-ins, plus `collections.OrderedDict` (the empty backward-hook dict and state-dict containers). Any other
 global (`os.system`, `builtins.eval`, `torch.nn.Module`, ...) raises `UnsafePickleError` naming the file, before
-anything is called. Tensors come back as numpy arrays.
+anything is called; a truncated or corrupt archive raises `UnreadableWeightsError` naming it. Tensors come back as
+numpy arrays.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from vpd_jax.weights.io import UnreadableWeightsError, UnsafePickleError
 
 _STORAGE_DTYPES = {
     "DoubleStorage": np.float64,
@@ -35,8 +38,8 @@ _STORAGE_DTYPES = {
 }
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle asks for something other than plain tensors and containers."""
+class _Refused(Exception):
+    """Raised inside the unpickler; `load` turns it into an UnsafePickleError naming the file."""
 
 
 class _StorageType:
@@ -56,20 +59,16 @@ class _Tensor:
         self.array = array
 
     def __setstate__(self, state):
-        raise UnsafePickleError("pickle tried to set state on a tensor")
+        raise _Refused("pickle tried to set state on a tensor")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, path: str):
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str):
         super().__init__(io.BytesIO(data))
         self._archive = archive
         self._root = root
-        self._path = path
         self._storages: dict[str, np.ndarray] = {}
         self._little_endian = self._byteorder() == "little"
-
-    def _fail(self, message: str) -> UnsafePickleError:
-        return UnsafePickleError(f"{self._path}: {message}")
 
     def _byteorder(self) -> str:
         name = f"{self._root}/byteorder"
@@ -84,37 +83,37 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _StorageType(name)
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
-        raise self._fail(f"refusing to load global '{module}.{name}': only tensors (torch._utils._rebuild_tensor_v2, "
+        raise _Refused(f"refusing to load global '{module}.{name}': only tensors (torch._utils._rebuild_tensor_v2, "
                          f"torch.*Storage) and collections.OrderedDict are allowed")
 
     def persistent_load(self, pid: Any) -> np.ndarray:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
                 and isinstance(pid[2], str) and isinstance(pid[4], int)):
-            raise self._fail(f"unexpected persistent id {pid!r}")
+            raise _Refused(f"unexpected persistent id {pid!r}")
         storage_type, key, numel = pid[1], pid[2], pid[4]
         if key not in self._storages:
             record = f"{self._root}/data/{key}"
             try:
                 raw = self._archive.read(record)
             except KeyError:
-                raise self._fail(f"missing storage record {record!r}") from None
+                raise _Refused(f"missing storage record {record!r}") from None
             dtype = storage_type.dtype.newbyteorder("<" if self._little_endian else ">")
             if len(raw) != numel * dtype.itemsize:
-                raise self._fail(f"storage {key!r} has {len(raw)} bytes, expected {numel} x {dtype.itemsize}")
+                raise _Refused(f"storage {key!r} has {len(raw)} bytes, expected {numel} x {dtype.itemsize}")
             self._storages[key] = np.frombuffer(raw, dtype=dtype).astype(storage_type.dtype)
         return self._storages[key]
 
     def _rebuild_tensor(self, storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
         if not isinstance(storage, np.ndarray):
-            raise self._fail(f"tensor rebuilt from a non-storage {type(storage).__name__}")
+            raise _Refused(f"tensor rebuilt from a non-storage {type(storage).__name__}")
         if not (isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
                 and len(size) == len(stride) and all(isinstance(v, int) and v >= 0 for v in size + stride)):
-            raise self._fail(f"malformed tensor record offset={offset!r} size={size!r} stride={stride!r}")
+            raise _Refused(f"malformed tensor record offset={offset!r} size={size!r} stride={stride!r}")
         if math.prod(size) == 0:
             return _Tensor(np.zeros(size, storage.dtype))
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if offset < 0 or last >= storage.size:
-            raise self._fail(f"tensor size={size} stride={stride} offset={offset} overruns a storage of "
+            raise _Refused(f"tensor size={size} stride={stride} offset={offset} overruns a storage of "
                              f"{storage.size} elements")
         view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
                                                strides=[s * storage.itemsize for s in stride], writeable=False)
@@ -131,28 +130,39 @@ def _unwrap(obj: Any) -> Any:
     return obj
 
 
+_PICKLE_PROTOCOL_2 = b"\x80\x02"  # how a legacy (pre-1.6) torch.save file starts
+
+
 def load(path: str | os.PathLike) -> Any:
     """The object saved with `torch.save` at `path`, tensors as numpy arrays (zip format, torch >= 1.6)."""
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a torch zip archive (the legacy pre-1.6 torch format is not supported)")
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
-        if len(pickles) != 1:
-            raise ValueError(f"{path}: expected one '<root>/data.pkl' in the archive, found {pickles}")
-        root = pickles[0].split("/")[0]
-        unpickler = _RestrictedUnpickler(archive.read(pickles[0]), archive, root, path)
-        try:
-            return _unwrap(unpickler.load())
-        except UnsafePickleError:
-            raise
-        except Exception as e:  # malformed pickles: name the file
-            raise UnsafePickleError(f"{path}: cannot read data.pkl: {type(e).__name__}: {e}") from e
+        with open(path, "rb") as f:
+            legacy = f.read(2) == _PICKLE_PROTOCOL_2
+        raise UnreadableWeightsError(
+            f"{path} ({os.path.getsize(path):,} bytes): " + (
+                "a legacy pre-1.6 torch.save file, which is not supported (re-save it with torch >= 1.6)" if legacy
+                else "not a torch zip archive: truncated (no zip directory at its end) or not a torch.save file"))
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise UnreadableWeightsError(f"{path}: expected one '<root>/data.pkl' in the archive, found {pickles}")
+            root = pickles[0].split("/")[0]
+            return _unwrap(_RestrictedUnpickler(archive.read(pickles[0]), archive, root).load())
+    except _Refused as e:
+        raise UnsafePickleError(f"{path}: {e}") from None
+    except UnreadableWeightsError:
+        raise
+    except Exception as e:  # truncated or corrupt members (CRC, zlib), malformed pickles: name the file
+        raise UnreadableWeightsError(f"{path}: truncated or corrupt torch archive: {type(e).__name__}: {e}") from e
 
 
 def load_tensor(path: str | os.PathLike) -> np.ndarray:
     """The single tensor saved at `path` (e.g. VPD's class-embedding buffers)."""
     obj = load(path)
     if not isinstance(obj, np.ndarray):
-        raise ValueError(f"{path}: expected a single tensor, found a {type(obj).__name__}")
+        raise UnreadableWeightsError(f"{os.fspath(path)}: expected a single tensor, found a {type(obj).__name__}")
     return obj
