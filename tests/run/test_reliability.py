@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import tasks
-from tests.run.test_train import assert_trees_equal, regression_trainer
+from tests.run.test_train import assert_trees_equal, regression_batch, regression_trainer
 from vpd_jax.data import pipelines
 from vpd_jax.run import checkpoint, logs, start, training
 from vpd_jax.run.setup import setup
@@ -358,3 +358,23 @@ def test_a_corrupt_checkpoint_names_the_step_and_the_file(tmp_path):
     with checkpoint.Checkpointer(root, read_only=True) as ckpt:
         with pytest.raises(checkpoint.CheckpointReadError, match=r"_METADATA missing or empty"):
             ckpt.restore(1, checkpoint.abstract_like(state))
+
+
+def test_a_checkpoint_from_before_the_streak_counters_restores_with_them_zero(tmp_path):
+    """A state saved without the entries checkpoint.ADDED_STATE_ENTRIES names (checkpoints of earlier versions)
+    restores into today's state with those entries zero and everything else as saved; another missing entry is
+    still a mismatch."""
+    trainer, state = regression_trainer(lr=1e-2)
+    state, _ = trainer.jit_train_step()(state, regression_batch(trainer), {})
+    old = {k: v for k, v in state.items() if k not in checkpoint.ADDED_STATE_ENTRIES}
+    with checkpoint.Checkpointer(tmp_path / "ckpt", async_save=False) as ckpt:
+        ckpt.save(1, old)
+    with checkpoint.Checkpointer(tmp_path / "ckpt", read_only=True) as ckpt:
+        assert ckpt.check_fits(1, trainer.abstract_state) == list(checkpoint.ADDED_STATE_ENTRIES)
+        restored = ckpt.restore(1, trainer.abstract_state)
+        assert_trees_equal(jax.device_get({k: restored[k] for k in old}), jax.device_get(old), "restored state")
+        for name in checkpoint.ADDED_STATE_ENTRIES:
+            assert int(restored[name]) == 0 and restored[name].sharding == trainer.abstract_state[name].sharding
+        target = {**trainer.abstract_state, "opt_state_extra": trainer.abstract_state["step"]}
+        with pytest.raises(checkpoint.CheckpointMismatchError, match="missing     opt_state_extra"):
+            ckpt.restore(1, target)

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 STATE, CONFIG, DATA = "state", "config", "data"
@@ -151,6 +152,18 @@ def check_state_matches(saved: Any, target: Any, source: str) -> None:
     raise CheckpointMismatchError("\n".join(lines))
 
 
+# Top-level scalar entries of the train state that checkpoints written before them lack (vpd_jax/run/trainer.py
+# NONFINITE_COUNTERS): such a checkpoint restores with them zero, what they are at the start of a run.
+ADDED_STATE_ENTRIES = ("nonfinite_streak", "longest_nonfinite_streak", "longest_nonfinite_streak_end")
+
+
+def _entries_added_since(saved: Any, target: Any) -> list[str]:
+    """The ADDED_STATE_ENTRIES that `target` (a state dict) has and the saved state tree does not."""
+    if not isinstance(target, dict) or not hasattr(saved, "keys"):
+        return []
+    return [name for name in ADDED_STATE_ENTRIES if name in target and name not in saved.keys()]
+
+
 def abstract_like(state: Any) -> Any:
     """ShapeDtypeStructs (with shardings) for a state of jax arrays, as `restore` wants its target."""
 
@@ -244,16 +257,19 @@ class Checkpointer:
         """The processes whose data iterators `step` holds ('process_0', ...)."""
         return _process_dirs(self._step_dir(step) / DATA)
 
-    def check_fits(self, step: int, abstract_state: Any) -> None:
+    def check_fits(self, step: int, abstract_state: Any) -> list[str]:
         """Raises CheckpointMismatchError (naming keys) unless the state saved at `step` has the keys and shapes of
-        `abstract_state`; reads only the checkpoint's metadata."""
+        `abstract_state`, but for ADDED_STATE_ENTRIES it predates; returns those. Reads only the metadata."""
         with self._reading(step):
             saved = self.manager.item_metadata(step)[STATE]
         saved = getattr(saved, "tree", saved)
         if not saved and jax.tree.leaves(abstract_state):
             raise CheckpointReadError(f"checkpoint {self._step_dir(step)} cannot be read: its state has no readable "
                                       f"metadata ({self._step_dir(step) / STATE / '_METADATA'} missing or empty)")
-        check_state_matches(saved, abstract_state, str(self._step_dir(step)))
+        added = _entries_added_since(saved, abstract_state)
+        check_state_matches(saved, {k: v for k, v in abstract_state.items() if k not in added} if added
+                            else abstract_state, str(self._step_dir(step)))
+        return added
 
     def restore(self, step: int, abstract_state: Any, *, data_iterator: Any = None) -> Any:
         """The state of `step`, restored into `abstract_state`'s shardings; restores `data_iterator` in place.
@@ -263,15 +279,21 @@ class Checkpointer:
         """
         abstract_state = abstract_like(abstract_state)
         _check_target_shardings(abstract_state)
-        self.check_fits(step, abstract_state)
-        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        added = self.check_fits(step, abstract_state)
+        target = {k: v for k, v in abstract_state.items() if k not in added} if added else abstract_state
+        items = {STATE: ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             if not self.has_data(step):
                 raise FileNotFoundError(f"checkpoint {self._step_dir(step)} has no data-iterator state: it was saved "
                                         "without one, so the input stream cannot continue where it stopped")
             items[DATA] = DataIteratorRestore(data_iterator)
         with self._reading(step):
-            return self.manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+            state = self.manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+        if added:
+            logging.info("%s predates the state entries %s: they start at zero", self._step_dir(step), added)
+            state = {**state, **{k: jax.device_put(np.zeros(abstract_state[k].shape, abstract_state[k].dtype),
+                                                   abstract_state[k].sharding) for k in added}}
+        return state
 
     def restore_config(self, step: int) -> dict | None:
         """The config saved with `step` (a JSON dict), or None when it was saved without one."""
