@@ -370,6 +370,44 @@ def test_segment_padded_equals_segment_per_image():
         assert not got[b, lh:].any() and not got[b, :, lw:].any()
 
 
+def test_keep_ratio_size_padded_equals_keep_ratio_size():
+    sizes = [(h, w) for h in (1, 7, 13, 480, 512, 683, 1000, 2047) for w in (1, 5, 17, 640, 683, 1024, 4001)]
+    scales = [(int(2048 * r), int(512 * r)) for r in inference.AUG_TEST_RATIOS] + [(40, 10), (7, 9)]
+    hw = jnp.asarray(sizes, jnp.int32)
+    for scale in scales:
+        got = np.asarray(inference.keep_ratio_size_padded(hw, scale))
+        np.testing.assert_array_equal(got, [inference.keep_ratio_size(size, scale) for size in sizes], str(scale))
+
+
+def test_flip_valid_mirrors_each_valid_width():
+    x = np.arange(2 * 3 * 6, dtype=np.float32).reshape(2, 3, 6, 1)
+    got = np.asarray(inference.flip_valid(jnp.asarray(x), jnp.asarray([[3, 4], [3, 6]], jnp.int32)))
+    np.testing.assert_array_equal(got[0, :, :4], x[0, :, 3::-1])
+    np.testing.assert_array_equal(got[0, :, 4:], x[0, :, 4:])  # beyond the valid width: unchanged
+    np.testing.assert_array_equal(got[1], x[1, :, ::-1])
+
+
+@pytest.mark.parametrize("ratios,flip", [((1.0,), False), pytest.param((1.0, 1.375), True, marks=pytest.mark.slow)])
+def test_segment_padded_probs_equals_segment_probs_per_image(ratios, flip):
+    """The multi-scale + flip test of padded batches, against `segment_probs` (itself checked against mmseg's
+    aug_test above) on each example's unpadded ratio-1.0 image."""
+    img_scale, label_sizes = (40, 10), [(13, 17), (21, 9), (10, 30)]
+    sizes = [inference.keep_ratio_size(size, img_scale) for size in label_sizes]
+    rng = np.random.default_rng(18)
+    img = np.full((len(sizes), 24, 32, 3), 99.0, np.float32)  # padding a correct function never reads
+    for b, (h, w) in enumerate(sizes):
+        img[b, :h, :w] = rng.normal(size=(h, w, 3))
+    kwargs = dict(scales=ratios, flip=flip, img_scale=img_scale, crop=8, stride=5)
+    run = jax.jit(functools.partial(inference.segment_padded_probs, smooth_model(jnp), label_shape=(24, 32),
+                                    num_classes=C, **kwargs))
+    got = np.asarray(run(jnp.asarray(img), jnp.asarray(sizes, jnp.int32), jnp.asarray(label_sizes, jnp.int32)))
+    assert got.shape == (3, 24, 32, C)
+    for b, ((h, w), (lh, lw)) in enumerate(zip(sizes, label_sizes)):
+        want = inference.segment_probs(smooth_model(jnp), jnp.asarray(img[b:b + 1, :h, :w]), (lh, lw), C, **kwargs)
+        # the same taps up to float32 rounding (the padded resizes contract multiply-adds on the device)
+        np.testing.assert_allclose(got[b, :lh, :lw], np.asarray(want)[0], atol=2e-5, err_msg=str((h, w)))
+
+
 # ------------------------------------------------------------------------------------------------- depth
 
 def reference_depth_test(model, img, class_ids, shift_size, flip, min_depth=1e-3, max_depth=10.0):

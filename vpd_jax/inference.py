@@ -7,7 +7,7 @@ given size. The windows of a call are gathered into one batch and run through th
 (or in chunks of `chunk_size` through `jax.lax.map`, which traces the model once), then added back into a
 canvas (zero-padded adds) in the reference's loop order, so the sums round as the reference's do. The
 `*_padded` functions serve the evaluation pipeline's padded batches: static padded shapes, traced valid
-sizes, the same numbers inside the valid region.
+sizes, the same numbers inside the valid region (`segment_padded_probs` runs the multi-scale + flip test on them).
 
 Arrays are NHWC. Segmentation images are normalised to [-1, 1] (spec 2.2 step 5); model functions return
 logits, which are upsampled to their input size here if they come back smaller (mmseg's `encode_decode`).
@@ -22,6 +22,7 @@ the image already has is the identity, so a pipeline-resized image passes throug
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -237,8 +238,8 @@ def segment(predict_fn: Callable[[jax.Array], jax.Array], image: jax.Array, orig
 # The evaluation pipeline pads each keep-ratio-resized image bottom/right to a multiple of 256 and gives its
 # valid size (`image_hw`) and the original label size (`label_hw`) as data, so one program serves a handful
 # of padded shapes instead of one per image size. The functions below take those sizes as traced arrays and
-# reproduce, inside the valid region, the static functions above on the unpadded image (single scale, no
-# flip; run `segment` per image for the multi-scale + flip test).
+# reproduce, inside the valid region, the static functions above on the unpadded image; `segment_padded_probs`
+# (below) is `segment_probs` for them, the multi-scale + flip test included.
 
 def _valid_mask(hw: jax.Array, shape: tuple[int, int]) -> jax.Array:
     """(B, H, W, 1) True inside each image's valid (h, w) top-left region."""
@@ -341,16 +342,73 @@ def resize_padded(x: jax.Array, in_hw: jax.Array, out_hw: jax.Array, out_shape: 
     return jnp.where(_valid_mask(out_hw, out_shape), x, 0.0)
 
 
+def keep_ratio_size_padded(hw: jax.Array, scale: Sequence[int]) -> jax.Array:
+    """`keep_ratio_size` of each (B, 2) traced original size, in exact integer arithmetic (the reference's float64
+    factor min(long / max(h, w), short / min(h, w)) and int(side * factor + 0.5), without float32 rounding)."""
+    hw = hw.astype(jnp.int32)
+    long_edge, short_edge = max(scale), min(scale)
+    big, small = jnp.maximum(hw[:, 0], hw[:, 1]), jnp.minimum(hw[:, 0], hw[:, 1])
+    by_long = long_edge * small <= short_edge * big  # long / big <= short / small: the long edge binds
+    num = jnp.where(by_long, long_edge, short_edge)[:, None]
+    den = jnp.where(by_long, big, small)[:, None]
+    return (2 * hw * num + den) // (2 * den)  # floor(side * num / den + 1/2)
+
+
+def flip_valid(x: jax.Array, hw: jax.Array) -> jax.Array:
+    """Each (B, H, W, ...) example's valid (h, w) region mirrored horizontally in place; columns beyond its
+    width stay where they are."""
+    cols = jnp.arange(x.shape[2])[None, :]
+    width = hw[:, 1:2].astype(jnp.int32)
+    source = jnp.where(cols < width, width - 1 - cols, cols)
+    return jnp.take_along_axis(x, source.reshape(x.shape[0], 1, x.shape[2], *([1] * (x.ndim - 3))), axis=2)
+
+
+def segment_padded_probs(predict_fn: Callable[[jax.Array], jax.Array], image: jax.Array, image_hw: jax.Array,
+                         label_hw: jax.Array, label_shape: Sequence[int], num_classes: int, *,
+                         scales: Sequence[float] = (1.0,), flip: bool = False,
+                         img_scale: Sequence[int] = SEG_IMG_SCALE, crop: Sequence[int] | int = (512, 512),
+                         stride: Sequence[int] | int = (341, 341), pad_value: float = 0.0,
+                         chunk_size: Optional[int] = None) -> jax.Array:
+    """`segment_probs` (mmseg `aug_test`: ratios x (no flip, flip), softmax at the original size, averaged) for
+    the evaluation pipeline's padded batches: (B, *label_shape, C) probabilities, uniform outside label_hw.
+
+    `image` holds each example's ratio-1.0 image (the pipeline's keep-ratio resize of the original) in its valid
+    `image_hw` region; label_hw is the original size. Each ratio's keep-ratio size of the original is computed on
+    the device (`keep_ratio_size_padded`) and the valid region is resized to it here, as `segment_probs` does from
+    the image it is given: bilinear without antialiasing from the ratio-1.0 image, where the reference resizes the
+    original with OpenCV. The ratio-1.0 pass uses the pipeline's image as is."""
+    _check_images(image, "segment_padded_probs")
+    if not scales:
+        raise ValueError("scales must name at least one ratio, got an empty sequence")
+    b, hp, wp, _ = image.shape
+    image_hw, label_hw = _check_sizes(image_hw, b, "image_hw"), _check_sizes(label_hw, b, "label_hw")
+    label_shape = _pair(tuple(label_shape), "label_shape")
+    total, passes = None, 0
+    for ratio in scales:
+        if ratio == 1.0:
+            scaled, hw = image, image_hw
+        else:
+            hw = keep_ratio_size_padded(label_hw, (int(img_scale[0] * ratio), int(img_scale[1] * ratio)))
+            # side_r <= ratio * (side_1 + 1/2) + 1/2 for every original size, and side_1 <= the padded side
+            bound = tuple(int(math.floor(ratio * side + ratio / 2 + 0.5)) + 1 for side in (hp, wp))
+            scaled = resize_padded(image, image_hw, hw, bound).astype(image.dtype)
+        for flipped in ((False, True) if flip else (False,)):
+            x = flip_valid(scaled, hw) if flipped else scaled
+            logits = slide_inference_padded(predict_fn, x, hw, num_classes, crop, stride, pad_value=pad_value,
+                                            chunk_size=chunk_size)
+            probs = jax.nn.softmax(resize_padded(logits, hw, label_hw, label_shape), axis=-1)
+            probs = flip_valid(probs, label_hw) if flipped else probs
+            total = probs if total is None else total + probs
+            passes += 1
+    return total / passes
+
+
 def segment_padded(predict_fn: Callable[[jax.Array], jax.Array], image: jax.Array, image_hw: jax.Array,
-                   label_hw: jax.Array, label_shape: Sequence[int], num_classes: int,
-                   crop: Sequence[int] | int = (512, 512), stride: Sequence[int] | int = (341, 341), *,
-                   pad_value: float = 0.0, chunk_size: Optional[int] = None) -> jax.Array:
-    """Single-scale mmseg test of a padded batch: slide inference of each valid region, bilinear resize to
-    its original (label) size, softmax, argmax. Returns (B, *label_shape) int32 classes; outside label_hw
-    the logits are 0 and the class is 0 (the padded labels are 255 there, ignored by the metric)."""
-    logits = slide_inference_padded(predict_fn, image, image_hw, num_classes, crop, stride, pad_value=pad_value,
-                                    chunk_size=chunk_size)
-    return jnp.argmax(jax.nn.softmax(resize_padded(logits, image_hw, label_hw, label_shape), axis=-1), axis=-1)
+                   label_hw: jax.Array, label_shape: Sequence[int], num_classes: int, **kwargs) -> jax.Array:
+    """Predicted classes (B, *label_shape) int32: argmax of `segment_padded_probs` (same arguments). Outside
+    label_hw the class is 0 (the padded labels are 255 there, ignored by the metric)."""
+    probs = segment_padded_probs(predict_fn, image, image_hw, label_hw, label_shape, num_classes, **kwargs)
+    return jnp.argmax(probs, axis=-1)
 
 
 # ------------------------------------------------------------------------------------------------- depth

@@ -8,9 +8,9 @@ Text inputs (spec/vpd.md 1.5):
           WordHashTokenizer when there is none) through the frozen CLIP text encoder `text_encoder`.
 
 Predictions for an image of any size (`predict`): it is prepared as the task's evaluation pipeline prepares its
-inputs (seg: keep-ratio resize to the run's img_scale, then slide inference; depth: resized to the training crop
-height with the width rounded to a multiple of 32; refer: squashed to the square training size), and every output
-is mapped back to the image's size.
+inputs (seg: keep-ratio resize to the run's img_scale, then slide inference at config.eval's ratios and flip;
+depth: resized to the training crop height with the width rounded to a multiple of 32; refer: squashed to the
+square training size), and every output is mapped back to the image's size.
 """
 from __future__ import annotations
 
@@ -43,9 +43,20 @@ def vpd_model_config(task: str) -> ml_collections.ConfigDict:
 
 
 def vpd_eval_config(task: str) -> ml_collections.ConfigDict:
-    """The config.eval section of the VPD tasks: the test protocols (spec 2.4, 3.6, 4.4)."""
+    """The config.eval section of the VPD tasks: the test protocols of the originals' test scripts.
+
+      seg_crop, seg_stride   mmseg slide windows (512 / 341)
+      seg_ratios             mmseg aug_test img_ratios applied to data.aug.img_scale: (1.0,) is the single-scale
+                             test; inference.AUG_TEST_RATIOS (1.0 ... 1.5) with flip=True is `--aug-test`
+      flip                   seg: each ratio also on the flipped image (aug_test); depth: the flip test of the
+                             original (on by default); refer: not part of its protocol, an error when set
+      depth_window, depth_shift_size   shift-window test: windows of this width (0: the image height) at
+                             shift_size offsets
+      min_depth, depth_crop  depth metrics: valid gt in (min_depth, max_depth), 'eigen' crop or none ('')
+      chunk_size             windows per model call (0: all at once)
+    """
     return ml_collections.ConfigDict(dict(
-        seg_crop=(512, 512), seg_stride=(341, 341), chunk_size=0,
+        seg_crop=(512, 512), seg_stride=(341, 341), seg_ratios=(1.0,), chunk_size=0,
         depth_window=0, depth_shift_size=2, flip=task == "depth", min_depth=1e-3, depth_crop="eigen",
     ))
 
@@ -84,6 +95,7 @@ class SegTask(_VPDTask):
     name = "seg"
     pipeline = "seg"
     optim_preset = "vpd_seg"
+    best_metric = ("mIoU", "max")  # mmseg's save_best; the original keeps every 8k-iteration checkpoint
 
     def __init__(self, config, arch):
         super().__init__(config, arch)
@@ -102,16 +114,19 @@ class SegTask(_VPDTask):
     def loss(self, output, batch):
         return losses.segmentation_loss(output, batch["label"], avg_non_ignore=self.config.model.avg_non_ignore)
 
-    def eval_statistics(self, variables, batch, constants):
-        e = self.config.eval
+    def _protocol(self) -> dict:
+        """The keyword arguments of the test protocol (config.eval) for inference.segment / segment_padded."""
+        e, img_scale = self.config.eval, tuple(transform_config(self.config.data).img_scale)
+        return dict(scales=tuple(e.seg_ratios), flip=e.flip, img_scale=img_scale, crop=tuple(e.seg_crop),
+                    stride=tuple(e.seg_stride), chunk_size=e.chunk_size or None)
 
+    def eval_statistics(self, variables, batch, constants):
         def predict(crops):
             return self.model.apply(variables, crops, constants["class_embeddings"], train=False)
 
         with self.compute.precision_scope():
             preds = inference.segment_padded(predict, batch["image"], batch["image_hw"], batch["label_hw"],
-                                             batch["label"].shape[1:3], self.num_classes, crop=tuple(e.seg_crop),
-                                             stride=tuple(e.seg_stride), chunk_size=e.chunk_size or None)
+                                             batch["label"].shape[1:3], self.num_classes, **self._protocol())
         return metrics.segmentation_areas(preds, batch["label"], self.num_classes, example_mask=batch["valid"])
 
     def new_metric(self):
@@ -138,10 +153,8 @@ class SegTask(_VPDTask):
         resized = transforms.seg_eval(tf.constant(image), tf.zeros(image.shape[:2], tf.uint8), aug)["image"]
         resized = jnp.asarray(resized.numpy())[None]
         embeddings = constants["class_embeddings"]
-        e = self.config.eval
         labels = inference.segment(lambda crops: self._forward(variables, crops, embeddings), resized,
-                                   image.shape[:2], self.num_classes, mode="slide", img_scale=tuple(aug.img_scale),
-                                   crop=tuple(e.seg_crop), stride=tuple(e.seg_stride))
+                                   image.shape[:2], self.num_classes, mode="slide", **self._protocol())
         outputs = {"labels": np.asarray(labels[0])}
         if self.config.model.use_attn:
             height, width = resized.shape[1:3]
@@ -157,6 +170,7 @@ class DepthTask(_VPDTask):
     name = "depth"
     pipeline = "depth"
     optim_preset = "vpd_depth"
+    best_metric = ("rmse", "min")  # depth/train.py keeps best.ckpt by RMSE
     predict_inputs = ("scene",)
 
     def __init__(self, config, arch):
@@ -211,10 +225,15 @@ class ReferTask(_VPDTask):
     name = "refer"
     pipeline = "refer"
     optim_preset = "vpd_refer"
+    best_metric = ("oIoU", "max")  # refer/train.py keeps model_best by overall IoU
     frozen_subtrees = ("vae", "text_encoder")
     predict_inputs = ("text",)
 
     def __init__(self, config, arch):
+        if config.eval.flip:
+            raise ValueError("config.eval.flip=True: the referring-segmentation test has no flip pass (refer/test.py "
+                             "scores each sentence once at 512x512), and a mirrored image would contradict "
+                             "expressions such as 'the man on the left'")
         super().__init__(config, arch)
         self.model = VPDRefer(**self._model_kwargs(), text=arch.text)
         self.tokenizer = text_tokenizer(config, arch)
