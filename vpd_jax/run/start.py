@@ -287,7 +287,8 @@ def _pretrained_params(config, task: Task) -> tuple[dict, Callable[[tuple[str, .
     # The loaders unbox logically partitioned shapes outside jit, which under the run's mesh and axis rules would
     # apply sharding constraints to ShapeDtypeStructs (an error); host arrays need no rules.
     with nn.logical_axis_rules(()):
-        _, unet = load_unet(config.init, on_host=True)
+        # A CompVis training checkpoint holds a UNet and its EMA copy: LD-ZNet's model.compvis_unet picks one.
+        _, unet = load_unet(config.init, on_host=True, compvis_unet=config.model.get("compvis_unet", "model"))
         _, vae = load_vae(config.init, on_host=True)
         text_encoder = None
         if task.uses_text_encoder():
