@@ -129,3 +129,20 @@ def test_a_refusal_inside_a_tensor_names_the_file(tmp_path):
             z.writestr(n, b)
     with pytest.raises(torch_archive.UnsafePickleError, match=r"built\.pth: pickle tried to set state on a tensor"):
         torch_archive.load(tmp_path / "built.pth")
+
+
+def test_an_argparse_namespace_of_plain_values_reads_as_a_simple_namespace(tmp_path):
+    """VPD's referring checkpoints pickle their training arguments: read without torch as plain values; a
+    Namespace holding anything else (here a callable) is refused."""
+    import argparse
+    import types
+
+    path = tmp_path / "refer.pth"
+    args = argparse.Namespace(lr=5e-5, img_size=512, dataset="refcoco", splits=("train",), extra={"a": [1, None]})
+    torch.save({"model": {"w": torch.ones(2)}, "args": args, "epoch": 3}, path)
+    loaded = torch_archive.load(path)
+    assert isinstance(loaded["args"], types.SimpleNamespace) and vars(loaded["args"]) == vars(args)
+    np.testing.assert_array_equal(loaded["model"]["w"], np.ones(2, np.float32))
+    torch.save({"args": argparse.Namespace(hook=torch.nn.Identity())}, path)
+    with pytest.raises(torch_archive.UnsafePickleError, match=r"refer\.pth"):
+        torch_archive.load(path)

@@ -4,7 +4,9 @@ A `torch.save` file is a zip holding `<root>/data.pkl` (a pickle whose tensors a
 `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)` calls, the storages being
 persistent ids `('storage', torch.<T>Storage, key, location, numel)`) and one raw little-endian record
 `<root>/data/<key>` per storage. The restricted unpickler below resolves only those globals, to inert local
-stand-ins, plus `collections.OrderedDict` (the empty backward-hook dict and state-dict containers). Any other
+stand-ins, plus `collections.OrderedDict` (the empty backward-hook dict and state-dict containers) and
+`argparse.Namespace` (the training arguments VPD's referring checkpoints pickle beside the weights), rebuilt as an
+inert `types.SimpleNamespace` of plain values. Any other
 global (`os.system`, `builtins.eval`, `torch.nn.Module`, ...) raises `UnsafePickleError` naming the file, before
 anything is called; a truncated or corrupt archive raises `UnreadableWeightsError` naming it. Tensors come back as
 numpy arrays.
@@ -16,6 +18,7 @@ import io
 import math
 import os
 import pickle
+import types
 import zipfile
 from typing import Any
 
@@ -62,6 +65,31 @@ class _Tensor:
         raise _Refused("pickle tried to set state on a tensor")
 
 
+class _Namespace:
+    """Stand-in for `argparse.Namespace`: takes only a dict of plain values (pickle's BUILD), nothing callable."""
+
+    __slots__ = ("values",)
+
+    def __init__(self):
+        self.values: dict[str, Any] = {}
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict) or not all(isinstance(k, str) and _plain(v) for k, v in state.items()):
+            raise _Refused("an argparse.Namespace holding something other than plain values")
+        self.values = dict(state)
+
+
+def _plain(value: Any) -> bool:
+    """None, a bool, number or string, or a list / tuple / dict of those."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str):
         super().__init__(io.BytesIO(data))
@@ -83,8 +111,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _StorageType(name)
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
+        if (module, name) == ("argparse", "Namespace"):
+            return _Namespace
         raise _Refused(f"refusing to load global '{module}.{name}': only tensors (torch._utils._rebuild_tensor_v2, "
-                         f"torch.*Storage) and collections.OrderedDict are allowed")
+                         f"torch.*Storage), collections.OrderedDict and argparse.Namespace are allowed")
 
     def persistent_load(self, pid: Any) -> np.ndarray:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
@@ -123,6 +153,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _unwrap(obj: Any) -> Any:
     if isinstance(obj, _Tensor):
         return obj.array
+    if isinstance(obj, _Namespace):
+        return types.SimpleNamespace(**obj.values)
     if isinstance(obj, dict):
         return type(obj)((k, _unwrap(v)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
