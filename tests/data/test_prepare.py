@@ -45,3 +45,19 @@ def test_manual_dir_errors_name_the_path_and_what_is_expected(tmp_path):
         prepare.manual_folder("ade20k", str(text))
     assert prepare.manual_folder("phrasecut", str(tmp_path)) == str(tmp_path)
     assert prepare.manual_folder("vpd_shapes/small", None) is None
+
+
+def test_training_prepares_missing_data_from_manual_dir_and_names_the_command_without_it(tmp_path):
+    from vpd_jax.run.training import prepare_data
+    from vpd_jax.data.config import data_config
+
+    data = data_config("seg", "ade20k")
+    data.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(FileNotFoundError, match=r"ade20k is not prepared in .*python -m vpd_jax.data.prepare ade20k"):
+        prepare_data(data)
+    fixtures.write_ade20k(str(tmp_path / "download"), as_zip=True)
+    data.manual_dir = str(tmp_path / "download" / "ADEChallengeData2016.zip")
+    prepare_data(data)
+    assert prepare.is_prepared("ade20k", data.data_dir)
+    data.manual_dir = None
+    prepare_data(data)  # prepared: nothing to do, no manual_dir needed

@@ -5,7 +5,8 @@ may be continued with this config: start.py) -> setup (setup.py: architecture, t
 sharded state layout) -> checks against the model's shapes (the checkpoint to resume, config.init's weights) and the
 mesh -> per-host input pipeline -> start state (start.py: workdir checkpoint, config.resume, config.init pretrained
 weights, scratch, created or restored directly in its shards) -> jitted train step over global batches (trainer.py)
--> logs, checkpoints (state + tf.data iterator, per process), periodic evaluation (evaluation.py).
+-> logs, checkpoints (state + tf.data iterator, per process), periodic evaluation (evaluation.py) and the best
+checkpoint by the task's metric (best.py).
 
 Nothing is written to the workdir before every check has passed; a run refused at start leaves it as it was.
 """
@@ -21,9 +22,11 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from vpd_jax.data import pipelines
+from vpd_jax.data import prepare as preparation
 from vpd_jax.data.config import family
 from vpd_jax.parallel import device_batch
 from vpd_jax.run import checkpoint, evaluation, logs, start
+from vpd_jax.run.best import BestCheckpoint
 from vpd_jax.run.setup import check_batch_sizes, setup
 from vpd_jax.run.trainer import NONFINITE_COUNTERS, Trainer
 
@@ -139,11 +142,19 @@ def check_batches_fit_mesh(config, trainer: Trainer) -> None:
 # ------------------------------------------------------------------------------------------------- the loop
 
 
-def prepare_generated_data(data) -> None:
-    """Builds vpd_shapes (rendered, nothing to download) on first use: process 0 builds, the others wait.
-    Real datasets are prepared beforehand from their downloaded files (README)."""
-    if family(data.name) != "vpd_shapes":
+def prepare_data(data) -> None:
+    """Builds the dataset on first use when nothing needs downloading (vpd_shapes) or when `data.manual_dir` holds
+    the downloaded files (python -m vpd_jax.data.prepare does the same beforehand): process 0 builds, the others
+    wait. Data that are missing with no manual_dir is an error naming the prepare command."""
+    generated = family(data.name) == "vpd_shapes"
+    if not generated and preparation.is_prepared(data.name, data.data_dir):
         return
+    if not (generated or data.manual_dir):
+        where = data.data_dir or "TFDS' default data_dir"
+        raise FileNotFoundError(
+            f"{data.name} is not prepared in {where}: give --config.data.manual_dir=<the downloaded files> to prepare "
+            f"it now, or run python -m vpd_jax.data.prepare {data.name} --manual_dir=... --data_dir=... first "
+            "(docs/datasets.md says what to download)")
     if jax.process_index() == 0:
         pipelines.prepare(data)
     multihost_utils.sync_global_devices(f"prepared {data.name}")
@@ -168,12 +179,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if found is not None:
         start.log_resume_differences(found, config)
     logging.info("mesh %s on %d devices, %d process(es)", dict(mesh.shape), jax.device_count(), jax.process_count())
-    prepare_generated_data(run.data)
+    prepare_data(run.data)
     train_iter = pipelines.make_train_iterator(run.data, tokenizer=run.task.tokenizer)
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_ckpts,
                                    save_interval_steps=config.ckpt_every, async_save=config.async_ckpt)
-    writer = None
+    writer = best = None
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
             started = start.start_state(config, trainer, ckpt, train_iter, pretrained)
@@ -184,9 +195,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logs.write_run_metadata(workdir, config)
             writer = logs.MetricWriter(workdir)
             evaluator = evaluation.Evaluator(trainer, run.data)
+            best = BestCheckpoint(workdir, run.task.best_metric)
 
             def evaluate(state, step):
-                return evaluator.run_and_log(state, step, workdir, writer)
+                result = evaluator.run_and_log(state, step, workdir, writer)
+                best.offer(state, step, result, config)
+                return result
 
             if config.eval_at_start and started.step == 0:
                 evaluate(started.state, 0)
@@ -198,6 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.close()
         if writer is not None:
             writer.close()
+        if best is not None:
+            best.close()
     return result
 
 

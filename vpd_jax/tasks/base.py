@@ -9,7 +9,8 @@ name. It owns:
   its model                   built in __init__ from config.model, config.compute and the architecture
   example inputs              `example_batch()`: zeros shaped as a training batch, for init and compilation
   training                    `apply` (output and updated BatchNorm statistics) and `loss`
-  evaluation                  `eval_statistics` (summable per batch) and `new_metric` (the host accumulator)
+  evaluation                  `eval_statistics` (summable per batch), `new_metric` (the host accumulator) and
+                              `best_metric` (what vpd_jax/run/best.py keeps the best checkpoint by)
   frozen parts                `frozen_subtrees`, and `pretrained_params` (what config.init provides)
   predictions                 `predict`: named outputs for one image (vpd_jax/apps/predict.py writes them)
 
@@ -43,6 +44,7 @@ class Task(abc.ABC):
     optim_preset: ClassVar[str]
     frozen_subtrees: ClassVar[tuple[str, ...]] = ("vae",)  # loaded from config.init, never trained
     predict_inputs: ClassVar[tuple[str, ...]] = ()  # what `predict` needs besides the image: 'text', 'scene'
+    best_metric: ClassVar[tuple[str, str] | None] = None  # (eval metric, 'max' | 'min') the best checkpoint keeps
     model: nn.Module
     constants: dict[str, np.ndarray]
     tokenizer: Callable | None = None
