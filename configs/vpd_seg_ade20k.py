@@ -8,18 +8,27 @@ Reference run: SD v1.5, Semantic FPN, 512x512 crops, global batch 16 (8 GPUs x 2
       --config.model.class_embeddings=/path/to/ade20k_class_embeddings.pth \\
       --config.data.data_dir=/path/to/tfds --config.data.manual_dir=/path/to/ADEChallengeData2016.zip
 
-  Arguments: (none) the paper run; 'smoke' a tiny scratch run on vpd_shapes that a CPU finishes in minutes.
+  python eval.py --config=configs/vpd_seg_ade20k.py:aug --workdir=runs/seg_ade20k ...   (the 54.6 protocol)
+
+  Arguments: (none) the paper run, evaluated single scale (53.7); 'aug' the same run evaluated as mmseg's
+  --aug-test (image ratios 1.0-1.5, each also flipped, softmax averaged: 54.6); 'smoke' a tiny scratch run on
+  vpd_shapes that a CPU finishes in minutes.
 """
 from configs.common import check_arg, cpu_run, scratch_tiny, shapes_seg
+from vpd_jax.inference import AUG_TEST_RATIOS
 from vpd_jax.run.config import base_config
 
-ARGS = ("", "smoke")  # every argument get_config accepts ('' = none)
+ARGS = ("", "aug", "smoke")  # every argument get_config accepts ('' = none)
 
 
 def get_config(arg=None):
-    if check_arg(arg, ARGS) == "smoke":
+    arg = check_arg(arg, ARGS)
+    if arg == "smoke":
         return smoke_config()
     c = base_config("seg", "ade20k")
+    if arg == "aug":
+        c.eval.seg_ratios = AUG_TEST_RATIOS
+        c.eval.flip = True
     c.compute.matmul_precision = "highest"  # float32 matmuls as the references' fp32 GPU runs (README)
     c.batch_size = 16
     c.eval_batch_size = 8

@@ -116,7 +116,12 @@ REFERENCE = {
     ("vpd_seg_ade20k.py", ""): dict(
         batch_size=16, total_steps=80_000, lr=8e-5, weight_decay=1e-3, param_groups="vpd_seg",
         schedule=dict(name="poly", power=1.0, min_lr=0.0, warmup_steps=1500, warmup_ratio=1e-6),
-        crop=(512, 512), eval=dict(seg_crop=(512, 512), seg_stride=(341, 341))),
+        crop=(512, 512), eval=dict(seg_crop=(512, 512), seg_stride=(341, 341), seg_ratios=(1.0,), flip=False)),
+    ("vpd_seg_ade20k.py", "aug"): dict(
+        batch_size=16, total_steps=80_000, lr=8e-5, weight_decay=1e-3, param_groups="vpd_seg",
+        schedule=dict(name="poly", power=1.0, min_lr=0.0, warmup_steps=1500, warmup_ratio=1e-6),
+        crop=(512, 512), eval=dict(seg_crop=(512, 512), seg_stride=(341, 341),
+                                   seg_ratios=(1.0, 1.125, 1.25, 1.375, 1.5), flip=True)),
     ("vpd_depth_nyu.py", ""): dict(
         batch_size=24, total_steps=25 * 1009, steps_per_epoch=1009, lr=5e-4, weight_decay=0.1,
         param_groups="vpd_depth", schedule=dict(name="vpd_depth_ramp", power=0.9, min_lr=3e-5, warmup_steps=0),
