@@ -202,3 +202,15 @@ def test_compvis_unet_ema_needs_a_file_with_both_copies(unet_folder, tmp_path):
         load_unet(folder, compvis_unet="model_ema")
     with pytest.raises(ValueError, match=r"compvis_unet must be one of \('model', 'model_ema'\)"):
         load_unet(folder, compvis_unet="ema")
+
+
+def test_a_corrupt_config_json_is_named(unet_folder, tmp_path):
+    import shutil
+
+    from vpd_jax.weights.io import UnreadableWeightsError
+
+    folder = tmp_path / "unet"
+    shutil.copytree(unet_folder[0], folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(UnreadableWeightsError, match=r"unet/config\.json: not a readable JSON model config"):
+        load_unet(str(folder))

@@ -18,6 +18,7 @@ from absl import logging
 
 from vpd_jax.data import pipelines
 from vpd_jax.parallel import device_batch
+from vpd_jax.run import logs
 from vpd_jax.run.setup import setup
 from vpd_jax.run.start import restore_step
 from vpd_jax.run.trainer import Trainer
@@ -76,10 +77,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
 
 
 def write_result(workdir: str, step: int, result: dict[str, Any]) -> str:
+    """<workdir>/eval_<step>.json (process 0); an earlier, different result of that step is kept as
+    eval_<step>.<n>.json, never overwritten."""
     path = os.path.join(workdir, f"eval_{step}.json")
     if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump({"step": int(step), **result}, f, indent=2, default=_jsonable)
+        os.makedirs(workdir, exist_ok=True)
+        logs.write_keeping_previous(path, json.dumps({"step": int(step), **result}, indent=2, default=_jsonable))
     return path
 
 

@@ -35,7 +35,7 @@ from vpd_jax.models.unet import UNet2DConditionModel, UNetConfig
 from vpd_jax.models.vae import AutoencoderKLEncoder, VAEConfig
 from vpd_jax.weights import ldm
 from vpd_jax.weights.convert import abstract_params, convert_state_dict
-from vpd_jax.weights.io import StateDict, find_weights_file, read_state_dict
+from vpd_jax.weights.io import StateDict, UnreadableWeightsError, find_weights_file, read_state_dict
 
 ConfigArg = Mapping[str, Any] | str | os.PathLike | None
 
@@ -136,7 +136,10 @@ def _read_config(config: ConfigArg) -> dict | None:
     if isinstance(config, Mapping):
         return dict(config)
     with open(config) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise UnreadableWeightsError(f"{config}: not a readable JSON model config ({err})") from None
 
 
 def _resolve(path: str | os.PathLike, kind: _Kind) -> str:
