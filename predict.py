@@ -1,19 +1,24 @@
 """Predict with a trained run on image files of any size, or make zero-shot maps with a Stable Diffusion folder.
 
-  python predict.py --config=configs/vpd_seg_ade20k.py:smoke --workdir=runs/x --input=photo.jpg --output=out/
-  python predict.py --config=configs/vpd_depth_nyu.py --workdir=runs/depth --input=folder/ --scene=kitchen ...
-  python predict.py --config=configs/vpd_refer.py --workdir=runs/refer --input=a.jpg --text="the man on the left"
-  python predict.py --config=configs/ldznet_phrasecut.py --workdir=runs/ldznet --input=a.jpg --text="black car"
+  python predict.py --workdir=runs/demo/seg --input=photo.jpg --output=out/
+  python predict.py --workdir=runs/depth --input=folder/ --scene=kitchen --output=out/
+  python predict.py --workdir=runs/refer --input=a.jpg --text="the man on the left" --output=out/
+  python predict.py --workdir=runs/ldznet --input=a.jpg --text="black car" --output=out/
   python predict.py --zeroshot --sd=/path/to/stable-diffusion-v1-4 --input=a.jpg --text="black car" --output=out/
 
-The config must be the run's (the same file, argument and overrides as for train.py). Zero-shot maps need no run:
+The run's own config (<workdir>/config.json) is used; --config=configs/<file>.py[:arg] gives another, and
+--config.x=value overrides apply to either (e.g. --config.init for a run whose weights moved). Zero-shot maps need
+no run:
 --sd is a diffusers pipeline root (unet/, vae/, text_encoder/, tokenizer/). Outputs are written to --output (see
 vpd_jax/apps/predict.py for the files of each task, vpd_jax/apps/zeroshot.py for the zero-shot defaults).
 """
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "The run's config file (configs/*.py[:arg]).", lock_config=True)
+from vpd_jax.run import launch  # the flag parser that reads the run's config.json; imports no JAX
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]); default: the run's config.json.",
+                                lock_config=True)
 flags.DEFINE_string("workdir", None, "The run directory whose checkpoints/ hold the trained model.")
 flags.DEFINE_list("input", None, "Image files and/or folders of images.")
 flags.DEFINE_string("output", None, "Folder for the outputs.")
@@ -39,21 +44,21 @@ def main(argv):
     if f.zeroshot and not (f.sd and f.text):
         raise app.UsageError("--zeroshot needs --sd (a Stable Diffusion folder) and --text")
     if not f.zeroshot and (f.config is None or not f.workdir):
-        raise app.UsageError("--config and --workdir are required (or --zeroshot with --sd)")
+        raise app.UsageError("--workdir is required (or --zeroshot with --sd)")
     from vpd_jax.apps import predict
 
     files = predict.list_images(f.input)
     if f.zeroshot:
         timesteps = tuple(int(t) for t in f.zeroshot_timesteps) if f.zeroshot_timesteps else None
         mapper = predict.zeroshot_mapper(f.sd, timesteps=timesteps, num_draws=f.zeroshot_draws,
-                                             image_size=f.zeroshot_size)
+                                         image_size=f.zeroshot_size)
         written = predict.predict_zeroshot_files(mapper, files, f.output, f.text)
     else:
         predictor = predict.Predictor(f.config, f.workdir, f.step)
         written = predict.predict_files(predictor, files, f.output, text=f.text, scene=f.scene,
-                                            names_file=f.classes, threshold=f.threshold)
+                                        names_file=f.classes, threshold=f.threshold)
     print(f"wrote {len(written)} files to {f.output}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=launch.parse_flags_with_run_config)

@@ -51,6 +51,8 @@ their task and paper need. Field meanings:
 """
 from __future__ import annotations
 
+import json
+
 import ml_collections
 
 from vpd_jax import parallel
@@ -97,3 +99,43 @@ def base_config(task: str, data_name: str) -> ml_collections.ConfigDict:
     c.nonfinite_check = "gradients"
     c.eval = cls.eval_config()
     return c
+
+
+def config_from_json(path: str) -> ml_collections.ConfigDict:
+    """The config a run was started with, from its <workdir>/config.json: every field of `base_config` of its task
+    and dataset, set to the saved values (JSON's lists back to tuples where the field holds one). A saved field
+    that this version's config does not have is an error naming it."""
+    with open(path) as f:
+        try:
+            saved = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not a readable run config ({err})") from None
+    task, name = saved.get("task"), saved.get("data", {}).get("name") if isinstance(saved.get("data"), dict) else None
+    if not (isinstance(task, str) and isinstance(name, str)):
+        raise ValueError(f"{path}: not a run config (it needs 'task' and 'data.name')")
+    config = base_config(task, name)
+    _set_saved_values(config, saved, path, "")
+    return config
+
+
+def _set_saved_values(section: ml_collections.ConfigDict, saved: dict, path: str, prefix: str) -> None:
+    unknown = sorted(f"{prefix}{key}" for key in saved if key not in section)
+    if unknown:
+        raise ValueError(f"{path}: {unknown} are not fields of this version's config (vpd_jax/run/config.py); give "
+                         "--config=<the config file> and its overrides instead of reading the run's config.json")
+    for key, value in saved.items():
+        current = section[key]
+        if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+            _set_saved_values(current, value, path, f"{prefix}{key}.")
+        else:
+            section[key] = _like(current, value)
+
+
+def _like(current, value):
+    """A JSON value in the container types of the field's current value, element by element where the lengths
+    agree (JSON has no tuples: sharding rules and crop sizes come back as lists)."""
+    if isinstance(current, (tuple, list)) and isinstance(value, list):
+        if len(current) == len(value):
+            value = [_like(c, v) for c, v in zip(current, value)]
+        return tuple(value) if isinstance(current, tuple) else value
+    return value

@@ -13,6 +13,31 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi
 flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-process start).")
 
 
+# The config file of a run directory (its config.json): eval.py and predict.py read it when given no --config.
+WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workdir_config.py")
+
+
+def with_run_config(argv: list[str]) -> list[str]:
+    """`argv` with --config=<WORKDIR_CONFIG>:<W> added when it gives --workdir=W and no --config, so that a run's
+    own config.json is used (and --config.x overrides still apply to it)."""
+    if any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
+        return argv
+    workdir = None
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--workdir="):
+            workdir = arg.split("=", 1)[1]
+        elif arg == "--workdir" and i + 1 < len(argv):
+            workdir = argv[i + 1]
+    if not workdir:
+        return argv
+    return [argv[0], f"--config={WORKDIR_CONFIG}:{workdir}", *argv[1:]]
+
+
+def parse_flags_with_run_config(argv: list[str]) -> list[str]:
+    """`parse_flags` of `with_run_config(argv)`: eval.py's and predict.py's flag parser."""
+    return parse_flags(with_run_config(argv))
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing for app.run(flags_parser=...), with a one-line error naming the override when a
     `--config.<key>=...` names no field of the config: ml_collections raises a bare KeyError / AttributeError
