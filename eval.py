@@ -20,6 +20,8 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if launch.printed_config(flags.FLAGS.config):
+        return
     launch.initialize_distributed()
     from vpd_jax.run import evaluation, logs
 

@@ -1,5 +1,6 @@
 """Train (and evaluate) a VPD task: python train.py --config=configs/<file>.py[:arg] --workdir=DIR [--config.x=v].
 
+--print_config prints the resolved config (file, argument and overrides) and exits.
 Multi-host: pass --multihost (jax.distributed.initialize() finds the cluster on TPU VMs / SLURM), or give
 --coordinator_address, --num_processes and --process_id explicitly.
 """
@@ -16,6 +17,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if launch.printed_config(flags.FLAGS.config):
+        return
     launch.initialize_distributed()
     from vpd_jax.run import training
 

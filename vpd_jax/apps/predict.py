@@ -25,8 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vpd_jax import visualize
-from vpd_jax.data import shapes
-from vpd_jax.data.class_names import ADE20K_CLASSES, NYU_SCENE_CLASSES
+from vpd_jax.data.class_names import NYU_SCENE_CLASSES, segmentation_class_names
 from vpd_jax.run.setup import setup
 from vpd_jax.run.start import restore_step
 from vpd_jax.tasks.registry import task_class
@@ -113,19 +112,20 @@ def _grey_to_rgb(levels: np.ndarray) -> np.ndarray:
     return np.repeat(levels.astype(np.uint8)[..., None], 3, axis=-1)
 
 
-def class_names(num_classes: int, names_file: str | None = None) -> list[str]:
-    """Names for the legend: a file with one name per line, else ADE20K's 150 or vpd_shapes' classes."""
+def class_names(num_classes: int, names_file: str | None = None, dataset: str = "") -> list[str]:
+    """Names for the legend: a file with one name per line, else those of the run's dataset (ADE20K's 150,
+    vpd_shapes' 6; data.class_names.segmentation_class_names), else ADE20K's or vpd_shapes' by the class count."""
     if names_file:
         with open(names_file) as f:
             names = [line.strip() for line in f if line.strip()]
         if len(names) != num_classes:
             raise ValueError(f"{names_file}: {len(names)} class names for a {num_classes}-class model")
         return names
-    if num_classes == len(ADE20K_CLASSES):
-        return list(ADE20K_CLASSES)
-    if num_classes == len(shapes.SEMANTIC_CLASSES) - 1:
-        return list(shapes.SEMANTIC_CLASSES[1:])
-    return [f"class {i}" for i in range(num_classes)]
+    for name in (dataset, "ade20k", "vpd_shapes"):
+        names = segmentation_class_names(name, num_classes)
+        if names[0] != "class 0":
+            return names
+    return names
 
 
 @dataclasses.dataclass
@@ -227,7 +227,7 @@ def predict_files(predictor: Predictor, files: Sequence[str], output: str, *, te
     """Writes the outputs of every file into `output`; returns the paths written."""
     inputs = prediction_inputs(predictor.task.name, text, scene)
     num_classes = getattr(predictor.task, "num_classes", None)  # tasks whose outputs are class labels
-    names = class_names(num_classes, names_file) if num_classes else []
+    names = class_names(num_classes, names_file, predictor.config.data.name) if num_classes else []
     written = []
     for path in files:
         image = read_image(path)

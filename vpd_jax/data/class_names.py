@@ -27,6 +27,9 @@ ADE20K_CLASSES: tuple[str, ...] = (
     "clock", "flag",
 )
 
+# vpd_shapes' semantic labels (vpd_jax/data/shapes.py); 'other' (0) is dropped by reduce_zero_label, as ADE20K's.
+VPD_SHAPES_CLASSES: tuple[str, ...] = ("other", "wall", "floor", "sphere", "cube", "cylinder", "cone")
+
 NYU_SCENE_CLASSES: tuple[str, ...] = (
     "printer_room", "bathroom", "living_room", "study", "conference_room", "study_room", "kitchen",
     "home_office", "bedroom", "dinette", "playroom", "indoor_balcony", "laundry_room", "basement",
@@ -47,3 +50,14 @@ def nyu_scene_class_id(file_name: str) -> int:
         if name in file_name:
             return class_id
     raise ValueError(f"no NYU scene class name is a substring of {file_name!r}")
+
+
+def segmentation_class_names(dataset: str, num_classes: int) -> list[str]:
+    """The names of a segmentation model's `num_classes` outputs on the TFDS dataset `dataset` (ADE20K's 150 or
+    vpd_shapes' 6 after reduce_zero_label), else 'class <i>'."""
+    family = dataset.split("/")[0]
+    if family == "ade20k" and num_classes == len(ADE20K_CLASSES):
+        return [name.strip() for name in ADE20K_CLASSES]
+    if family == "vpd_shapes" and num_classes == len(VPD_SHAPES_CLASSES) - 1:
+        return list(VPD_SHAPES_CLASSES[1:])
+    return [f"class {i}" for i in range(num_classes)]

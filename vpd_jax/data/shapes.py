@@ -24,10 +24,10 @@ from typing import Sequence
 
 import numpy as np
 
+from vpd_jax.data.class_names import VPD_SHAPES_CLASSES as SEMANTIC_CLASSES
 from vpd_jax.data.class_names import nyu_scene_class_id
 
 # Raw semantic ids, ADE-style: 0 is "other" (never drawn; reduce_zero_label maps it to ignore), 1.. are classes.
-SEMANTIC_CLASSES: tuple[str, ...] = ("other", "wall", "floor", "sphere", "cube", "cylinder", "cone")
 WALL, FLOOR = 1, 2
 SHAPES: tuple[str, ...] = ("sphere", "cube", "cylinder", "cone")
 COLOURS: dict[str, tuple[int, int, int]] = {

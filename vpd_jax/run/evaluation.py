@@ -40,6 +40,7 @@ class Evaluator:
         metric = trainer.task.new_metric()
         iterator = pipelines.make_eval_iterator(self.data, tokenizer=trainer.task.tokenizer)
         batches = 0
+        logging.info("evaluating on %s (the first batch compiles the eval step)", self.data.eval_split)
         for batch in iterator:
             statistics = self._step(variables, device_batch(batch, trainer.batch_sharding), constants)
             metric.update(jax.device_get(statistics))
@@ -54,9 +55,31 @@ class Evaluator:
         result = self.evaluate(state, self.trainer.config.eval_max_batches)
         scalars = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         logging.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
-        writer.write(step, scalars, prefix="eval/")
+        per_class = per_class_scalars(result)
+        if per_class:
+            logging.info("eval at step %d, per class:\n%s", step, per_class_table(result))
+        writer.write(step, {**scalars, **per_class}, prefix="eval/")
         write_result(workdir, step, result)
         return result
+
+
+def per_class_scalars(result: dict[str, Any]) -> dict[str, float]:
+    """'<metric>/<class name>' for every per-class list of a result that names its classes ('classes')."""
+    names = result.get("classes") or []
+    return {f"{metric}/{name}": float(value) for metric, values in result.items()
+            if metric != "classes" and isinstance(values, list) and len(values) == len(names) and names
+            for name, value in zip(names, values)}
+
+
+def per_class_table(result: dict[str, Any]) -> str:
+    """A text table: one row per class, one column per per-class metric (NaN: the class is absent)."""
+    names = result["classes"]
+    columns = [m for m, v in result.items() if m != "classes" and isinstance(v, list) and len(v) == len(names)]
+    width = max(len(n) for n in names)
+    lines = [f"  {'class':{width}s}  " + "  ".join(f"{c:>7s}" for c in columns)]
+    lines += [f"  {name:{width}s}  " + "  ".join(f"{float(result[c][i]):7.4f}" for c in columns)
+              for i, name in enumerate(names)]
+    return "\n".join(lines)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, Any]:

@@ -11,6 +11,16 @@ flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with au
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process start).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-process start).")
 flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-process start).")
+flags.DEFINE_bool("print_config", False, "Print the resolved config (the file, its argument and the overrides) and "
+                  "exit without running.")
+
+
+def printed_config(config) -> bool:
+    """With --print_config: prints `config` and returns True (the caller exits)."""
+    if not flags.FLAGS.print_config:
+        return False
+    print(config)
+    return True
 
 
 # The config file of a run directory (its config.json): eval.py and predict.py read it when given no --config.

@@ -122,14 +122,22 @@ class MetricWriter:
 
 
 class Progress:
-    """Step rate and ETA over the steps run in this process (a resumed run does not count restored steps)."""
+    """The console progress line: the interval's mean loss, the learning rate, step time, throughput and an ETA from
+    the steps run in this process since the first one, whose time is compilation (`compiled` marks its end)."""
 
     def __init__(self, first_step: int, total_steps: int, examples_per_step: int):
         self.first_step, self.total_steps, self.examples_per_step = first_step, total_steps, examples_per_step
         self.start = self._last_time = time.perf_counter()
         self._last_step = first_step
 
-    def update(self, step: int) -> dict[str, float]:
+    def compiled(self, step: int, since: float) -> None:
+        """Step `step`, the first of this process, has run (compiling took most of it): the clock starts now."""
+        now = time.perf_counter()
+        logging.info("train step compiled and run once in %s", _duration(now - since))
+        self.first_step, self._last_step = step, step
+        self.start = self._last_time = now
+
+    def update(self, step: int, loss: float | None = None, lr: float | None = None) -> dict[str, float]:
         """Rates since the previous call; logs a progress line."""
         now = time.perf_counter()
         steps = max(step - self._last_step, 1)
@@ -138,8 +146,10 @@ class Progress:
         done = step - self.first_step
         average = (now - self.start) / max(done, 1)
         eta = average * (self.total_steps - step)
-        logging.info("step %d/%d  %.3f s/step  %.1f img/s  ETA %s", step, self.total_steps, step_time,
-                     self.examples_per_step / step_time, _duration(eta))
+        loss_text = "" if loss is None else f"  loss {loss:.4f}"
+        lr_text = "" if lr is None else f"  lr {lr:.3g}"
+        logging.info("step %d/%d%s%s  %.3f s/step  %.1f img/s  ETA %s", step, self.total_steps, loss_text, lr_text,
+                     step_time, self.examples_per_step / step_time, _duration(eta) if done else "(measuring)")
         return {"step_time": step_time, "images_per_sec": self.examples_per_step / step_time}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -180,6 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         start.log_resume_differences(found, config)
     logging.info("mesh %s on %d devices, %d process(es)", dict(mesh.shape), jax.device_count(), jax.process_count())
     prepare_data(run.data)
+    logging.info("building the input pipeline of %s (%s)", run.data.name, run.data.split)
     train_iter = pipelines.make_train_iterator(run.data, tokenizer=run.task.tokenizer)
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_ckpts,
@@ -187,12 +189,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = best = None
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
+            logging.info("building the start state in its shards (compiling its initialiser or restoring)")
             started = start.start_state(config, trainer, ckpt, train_iter, pretrained)
             del pretrained  # placed in the state: the host copies can go
             logging.info("starting at step %d (%s%s)", started.step, started.source,
                          f": {started.path}" if started.path else "")
             # After the start state: a run refused by the workdir's checkpoint leaves that run's record alone.
             logs.write_run_metadata(workdir, config)
+            logging.info("config (also in %s):\n%s", os.path.join(workdir, "config.json"), config)
             writer = logs.MetricWriter(workdir)
             evaluator = evaluation.Evaluator(trainer, run.data)
             best = BestCheckpoint(workdir, run.task.best_metric)
@@ -225,15 +229,29 @@ def _train(config, trainer, started: start.StartState, train_iter, ckpt: checkpo
     constants = jax.device_put(trainer.task.constants, trainer.replicated)
     step_fn = trainer.jit_train_step()
     progress = logs.Progress(started.step, config.total_steps, config.batch_size)
+    loss_sum, interval = 0.0, 0  # the loss summed on the device over the steps since the last log
     while step < config.total_steps:
         batch = device_batch(next(train_iter), trainer.batch_sharding)
+        first = step == started.step
+        if first:
+            logging.info("compiling the train step (the first step takes that long)")
+            compile_start = time.perf_counter()
         state, metrics = step_fn(state, batch, constants)
         step += 1
+        if first:
+            jax.block_until_ready(metrics)
+            progress.compiled(step, compile_start)
+        loss_sum, interval = loss_sum + metrics["loss"], interval + 1
         last = step == config.total_steps
         if step % config.log_every == 0 or last:
             guard.check(state, step)
             scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            scalars.update(progress.update(step), nonfinite_steps=int(state["nonfinite"]))
+            # The interval's mean loss (a skipped non-finite step counts with its loss, as the guard reports it).
+            scalars["loss"] = float(loss_sum) / interval
+            scalars["last_loss"] = float(metrics["loss"])
+            loss_sum, interval = 0.0, 0
+            scalars.update(progress.update(step, scalars["loss"], scalars["lr"]),
+                           nonfinite_steps=int(state["nonfinite"]))
             writer.write(step, scalars, prefix="train/")
         if ckpt.should_save(step) or last:
             guard.check(state, step)  # a checkpoint never holds a run that should have stopped

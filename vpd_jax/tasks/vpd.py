@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from vpd_jax import inference, losses, metrics
+from vpd_jax.data.class_names import segmentation_class_names
 from vpd_jax.data.config import transform_config
 from vpd_jax.models import resize
 from vpd_jax.models.vpd import VPDDepth, VPDRefer, VPDSeg
@@ -131,7 +132,9 @@ class SegTask(_VPDTask):
 
     def new_metric(self):
         metric = metrics.SegmentationMetric(self.num_classes)
-        return Accumulator(metric.update, lambda: scalars_and_lists(metric.result()))
+        names = segmentation_class_names(self.config.data.name, self.num_classes)
+        # Per-class IoU / Acc as lists in class order, with the names they belong to (JSON, logs, TensorBoard).
+        return Accumulator(metric.update, lambda: {**scalars_and_lists(metric.result()), "classes": names})
 
     @functools.cached_property
     def _features(self):
