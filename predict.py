@@ -27,6 +27,8 @@ flags.DEFINE_string("text", None, "refer: the referring expression; ldznet and -
 flags.DEFINE_string("scene", None, "depth: the NYU scene class of the images (e.g. kitchen, bedroom, office).")
 flags.DEFINE_string("classes", None, "seg: a file with one class name per line (for the legend).")
 flags.DEFINE_float("threshold", 0.3, "ldznet: mask = sigmoid(logits) > threshold.")
+flags.DEFINE_list("depth_range", None, "depth: the colour map's range in metres, e.g. 0,10 (default: each prediction's "
+                  "own range).")
 flags.DEFINE_bool("zeroshot", False, "Zero-shot text-vs-null noise-difference maps from --sd (no --config).")
 flags.DEFINE_string("sd", None, "--zeroshot: a Stable Diffusion diffusers pipeline root.")
 flags.DEFINE_list("zeroshot_timesteps", None, "--zeroshot: SD timesteps to average (default 300,400,500).")
@@ -45,6 +47,9 @@ def main(argv):
         raise app.UsageError("--zeroshot needs --sd (a Stable Diffusion folder) and --text")
     if not f.zeroshot and (f.config is None or not f.workdir):
         raise app.UsageError("--workdir is required (or --zeroshot with --sd)")
+    if f.depth_range is not None and len(f.depth_range) != 2:
+        raise app.UsageError(f"--depth_range takes two numbers, min,max in metres; got {','.join(f.depth_range)}")
+    launch.quiet_libraries()
     from vpd_jax.apps import predict
 
     files = predict.list_images(f.input)
@@ -55,8 +60,9 @@ def main(argv):
         written = predict.predict_zeroshot_files(mapper, files, f.output, f.text)
     else:
         predictor = predict.Predictor(f.config, f.workdir, f.step)
+        depth_range = tuple(float(v) for v in f.depth_range) if f.depth_range else None
         written = predict.predict_files(predictor, files, f.output, text=f.text, scene=f.scene,
-                                        names_file=f.classes, threshold=f.threshold)
+                                        names_file=f.classes, threshold=f.threshold, depth_range=depth_range)
     print(f"wrote {len(written)} files to {f.output}")
 
 

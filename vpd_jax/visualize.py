@@ -117,6 +117,18 @@ def heatmap(attention: np.ndarray, image: np.ndarray | None = None, alpha: float
     return overlay(image, resized, alpha)
 
 
+def with_colorbar(picture: np.ndarray, vmin: float, vmax: float, label: str = "") -> np.ndarray:
+    """The picture with a colour bar of the range (vmin, vmax) to its right."""
+    return side_by_side([picture, colorbar(picture.shape[0], vmin, vmax, label)])
+
+
+def heatmap_with_colorbar(attention: np.ndarray, image: np.ndarray | None = None, alpha: float = 0.6) -> np.ndarray:
+    """`heatmap` with the colour bar of the values it spans."""
+    attention = np.asarray(attention, np.float64)
+    low, high = float(np.nanmin(attention)), float(np.nanmax(attention))
+    return with_colorbar(heatmap(attention, image, alpha), low, high if high > low else low + 1)
+
+
 def titled(image: np.ndarray, title: str) -> np.ndarray:
     """The image with a one-line title above it."""
     image = np.asarray(image, np.uint8)

@@ -90,7 +90,8 @@ def test_ldznet_predict_writes_masks_of_the_original_size(ldznet_run, image_path
     mask = np.asarray(Image.open(out / "odd_mask.png"))
     assert mask.shape == SIZE and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
     prob = np.asarray(Image.open(out / "odd_prob.png"))
-    assert prob.shape == (*SIZE, 3) and prob.std() > 1
+    # The image's size, with the phrase above it and the colour bar beside it.
+    assert prob.shape[0] == SIZE[0] + 16 and prob.shape[1] > SIZE[1] and prob.std() > 1
 
 
 def test_ldznet_outputs_threshold_the_probabilities_and_need_a_phrase(tmp_path):
@@ -101,7 +102,10 @@ def test_ldznet_outputs_threshold_the_probabilities_and_need_a_phrase(tmp_path):
     probs = np.array([[0.1, 0.3, 0.31, 0.9]] * 3)
     pictures = predict.probability_pictures(image, probs, 0.3)
     np.testing.assert_array_equal(pictures["mask"][0], [0, 0, 255, 255])
-    np.testing.assert_array_equal(pictures["prob"], visualize.overlay(image, visualize.colormap(probs, 0, 1), 0.6))
+    np.testing.assert_array_equal(pictures["prob"], visualize.with_colorbar(
+        visualize.overlay(image, visualize.colormap(probs, 0, 1), 0.6), 0.0, 1.0))
+    captioned = predict.probability_pictures(image, probs, 0.3, caption="red cube")["prob"]
+    np.testing.assert_array_equal(captioned, visualize.titled(pictures["prob"], '"red cube"'))
     ldznet = types.SimpleNamespace(task=types.SimpleNamespace(name="ldznet"))
     with pytest.raises(ValueError, match="--text"):
         predict.predict_files(ldznet, ["unused.png"], str(tmp_path))

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from PIL import Image, ImageOps
 
 from vpd_jax import visualize
@@ -152,26 +154,31 @@ class Predictor:
 
 def seg_pictures(image: np.ndarray, labels: np.ndarray, maps: np.ndarray | None, names: Sequence[str],
                  palette: np.ndarray) -> dict[str, np.ndarray]:
-    """Overlay with a legend of the classes present, and one attention heatmap per present class."""
+    """Overlay with a legend of the classes present, and one attention heatmap per present class (each with the
+    colour bar of its values)."""
     present = [int(c) for c in np.unique(labels) if 0 <= c < len(names)]
     pictures = {"overlay": visualize.side_by_side([
         visualize.overlay(image, visualize.colorize(labels, palette)),
         visualize.legend([names[c] for c in present], palette[present])])}
     if maps is not None and present:
         pictures["attention"] = visualize.side_by_side(
-            [visualize.titled(visualize.heatmap(maps[..., c], image), names[c]) for c in present])
+            [visualize.titled(visualize.heatmap_with_colorbar(maps[..., c], image), names[c]) for c in present])
     return pictures
 
 
-def depth_pictures(depth: np.ndarray, max_depth: float) -> np.ndarray:
-    return visualize.side_by_side([visualize.colormap(depth, 0.0, max_depth),
-                                   visualize.colorbar(depth.shape[0], 0.0, max_depth, "m")])
+def depth_pictures(depth: np.ndarray, depth_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Depth in colour with its colour bar in metres, over `depth_range` (default: the prediction's own range)."""
+    low, high = depth_range or (float(np.min(depth)), float(np.max(depth)))
+    return visualize.with_colorbar(visualize.colormap(depth, low, high), low, high if high > low else low + 1, "m")
 
 
-def probability_pictures(image: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
-    """A 0 / 255 mask of probs > threshold, and the probabilities (viridis, 0 to 1) over the image."""
+def probability_pictures(image: np.ndarray, probs: np.ndarray, threshold: float,
+                         caption: str | None = None) -> dict[str, np.ndarray]:
+    """A 0 / 255 mask of probs > threshold (the image's size), and the probabilities (viridis, 0 to 1) over the
+    image with a colour bar, under the caption (the phrase) when given."""
+    prob = visualize.with_colorbar(visualize.overlay(image, visualize.colormap(probs, 0.0, 1.0), 0.6), 0.0, 1.0)
     return {"mask": np.where(probs > threshold, 255, 0).astype(np.uint8),
-            "prob": visualize.overlay(image, visualize.colormap(probs, 0.0, 1.0), 0.6)}
+            "prob": visualize.titled(prob, f'"{caption}"') if caption else prob}
 
 
 LDZNET_THRESHOLD = 0.3
@@ -194,46 +201,53 @@ def prediction_inputs(task: str, text: str | None, scene: str | None) -> dict:
 
 
 def write_outputs(stem: str, image: np.ndarray, outputs: dict[str, np.ndarray], *, names: Sequence[str],
-                  max_depth: float, threshold: float) -> list[str]:
+                  threshold: float, text: str | None = None,
+                  depth_range: tuple[float, float] | None = None) -> list[str]:
     """The files of every output kind of one image (module docstring); returns the paths written."""
     written = []
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     if "labels" in outputs:
         labels = outputs["labels"]
         palette = visualize.class_palette(len(names))
         label_image = Image.fromarray(labels.astype(np.uint8), mode="P")
         label_image.putpalette(palette.flatten().tolist())
-        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
         label_image.save(f"{stem}_labels.png")
         written.append(f"{stem}_labels.png")
         for kind, picture in seg_pictures(image, labels, outputs.get("attention"), names, palette).items():
             written.append(visualize.save_png(f"{stem}_{kind}.png", picture))
     if "depth" in outputs:
         written.append(visualize.save_depth_png(f"{stem}_depth.png", outputs["depth"]))
-        written.append(visualize.save_png(f"{stem}_depth_color.png", depth_pictures(outputs["depth"], max_depth)))
+        written.append(visualize.save_png(f"{stem}_depth_color.png", depth_pictures(outputs["depth"], depth_range)))
     if "mask" in outputs:
         mask = outputs["mask"]
         written.append(visualize.save_png(f"{stem}_mask.png", (mask * 255).astype(np.uint8)))
         colours = visualize.colorize(mask, np.array([[0, 0, 0], [255, 40, 40]], np.uint8))
-        written.append(visualize.save_png(f"{stem}_overlay.png", visualize.overlay(image, colours, 0.45)))
+        overlay = visualize.overlay(image, colours, 0.45)
+        written.append(visualize.save_png(f"{stem}_overlay.png", visualize.titled(overlay, f'"{text}"') if text
+                                          else overlay))
     if "probability" in outputs:
-        pictures = probability_pictures(image, outputs["probability"], threshold)
+        pictures = probability_pictures(image, outputs["probability"], threshold, caption=text)
         written += [visualize.save_png(f"{stem}_{kind}.png", picture) for kind, picture in pictures.items()]
     return written
 
 
 def predict_files(predictor: Predictor, files: Sequence[str], output: str, *, text: str | None = None,
-                  scene: str | None = None, names_file: str | None = None,
-                  threshold: float = LDZNET_THRESHOLD) -> list[str]:
-    """Writes the outputs of every file into `output`; returns the paths written."""
+                  scene: str | None = None, names_file: str | None = None, threshold: float = LDZNET_THRESHOLD,
+                  depth_range: tuple[float, float] | None = None) -> list[str]:
+    """Writes the outputs of every file into `output`, logging each image as it is done; returns the paths."""
     inputs = prediction_inputs(predictor.task.name, text, scene)
     num_classes = getattr(predictor.task, "num_classes", None)  # tasks whose outputs are class labels
     names = class_names(num_classes, names_file, predictor.config.data.name) if num_classes else []
     written = []
-    for path in files:
+    for i, path in enumerate(files, start=1):
+        started = time.perf_counter()
         image = read_image(path)
         stem = os.path.join(output, os.path.splitext(os.path.basename(path))[0])
-        written += write_outputs(stem, image, predictor.predict(image, **inputs), names=names,
-                                 max_depth=predictor.config.model.get("max_depth", 0.0), threshold=threshold)
+        files_written = write_outputs(stem, image, predictor.predict(image, **inputs), names=names,
+                                      threshold=threshold, text=text, depth_range=depth_range)
+        logging.info("%d/%d %s (%dx%d): %d files in %.1f s", i, len(files), path, image.shape[1], image.shape[0],
+                     len(files_written), time.perf_counter() - started)
+        written += files_written
     return written
 
 

@@ -77,11 +77,16 @@ class _QuietLibraries:
         return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
 
 
+def quiet_libraries() -> None:
+    """Keep installed libraries' INFO lines off the console (their warnings and errors stay)."""
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 def initialize_distributed() -> None:
     """jax.distributed.initialize() when the flags ask for several processes; TF kept off accelerators."""
     import jax
 
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    quiet_libraries()
     f = flags.FLAGS
     explicit = [f.coordinator_address, f.num_processes, f.process_id]
     if any(v is not None for v in explicit):

@@ -145,28 +145,49 @@ class SegTask(_VPDTask):
             return state["intermediates"]["features"][0]
         return jax.jit(features)
 
+    @functools.cached_property
+    def _padded_probs(self):
+        """The evaluation protocol on one padded image (as the eval pipeline pads), jitted: one program per padded
+        image and label shape, so a folder of photos compiles a handful of times."""
+        def probs(variables, embeddings, image, image_hw, label_hw, label_shape):
+            def predict(crops):
+                return self.model.apply(variables, crops, embeddings, train=False)
+
+            with self.compute.precision_scope():
+                return inference.segment_padded_probs(predict, image, image_hw, label_hw, label_shape,
+                                                      self.num_classes, **self._protocol())
+        return jax.jit(probs, static_argnums=(5,))
+
     def predict(self, variables, constants, image, **inputs):
         """{'labels': (H, W) class ids, 'attention': the per-class cross-attention maps (h, w, N) of the 1/16
-        level over the resized image (absent without maps)}."""
+        level over the resized image (absent without maps)}. The resized image and the label canvas are padded
+        to multiples of data.seg_eval_pad_multiple, as in evaluation (the padding does not change the result)."""
         import tensorflow as tf
 
         from vpd_jax.data import transforms
 
         aug = transform_config(self.config.data)
-        resized = transforms.seg_eval(tf.constant(image), tf.zeros(image.shape[:2], tf.uint8), aug)["image"]
-        resized = jnp.asarray(resized.numpy())[None]
+        resized = transforms.seg_eval(tf.constant(image), tf.zeros(image.shape[:2], tf.uint8), aug)["image"].numpy()
         embeddings = constants["class_embeddings"]
-        labels = inference.segment(lambda crops: self._forward(variables, crops, embeddings), resized,
-                                   image.shape[:2], self.num_classes, mode="slide", **self._protocol())
-        outputs = {"labels": np.asarray(labels[0])}
+        bucket = self.config.data.seg_eval_pad_multiple
+        padded = _pad_to(resized[None], bucket)
+        label_shape = tuple(-(-side // bucket) * bucket for side in image.shape[:2])
+        probs = self._padded_probs(variables, embeddings, jnp.asarray(padded),
+                                   jnp.asarray([resized.shape[:2]], jnp.int32),
+                                   jnp.asarray([image.shape[:2]], jnp.int32), label_shape)
+        outputs = {"labels": np.asarray(jnp.argmax(probs[0, :image.shape[0], :image.shape[1]], axis=-1))}
         if self.config.model.use_attn:
-            height, width = resized.shape[1:3]
-            padded = jnp.pad(resized, ((0, 0), (0, -height % 64), (0, -width % 64), (0, 0)))
-            features = self._features(variables, padded, embeddings)
+            features = self._features(variables, jnp.asarray(_pad_to(padded, 64)), embeddings)
             # The maps of the 1/16 level, cropped to the part that covers the image (not its padding).
-            valid = [-(-side // 16) for side in (height, width)]
+            valid = [-(-side // 16) for side in resized.shape[:2]]
             outputs["attention"] = np.asarray(features[1][0, :valid[0], :valid[1], -self.num_classes:])
         return outputs
+
+
+def _pad_to(images: np.ndarray, multiple: int) -> np.ndarray:
+    """(B, H, W, C) zero-padded bottom / right to multiples of `multiple`."""
+    height, width = images.shape[1:3]
+    return np.pad(images, ((0, 0), (0, -height % multiple), (0, -width % multiple), (0, 0)))
 
 
 class DepthTask(_VPDTask):
@@ -213,15 +234,25 @@ class DepthTask(_VPDTask):
         return Accumulator(lambda s: metric.update(*s), metric.result)
 
     def predict(self, variables, constants, image, *, scene: int, **inputs):
-        """{'depth': (H, W) metres}; `scene` is the NYU scene class id."""
+        """{'depth': (H, W) metres}; `scene` is the NYU scene class id. The image is resized to the training crop
+        height (width in proportion, a multiple of 32) and padded on the right to a multiple of PREDICT_WIDTH_BUCKET
+        (as the model pads to 64), so a folder of photos compiles a few times; the padding's columns are cropped
+        off the prediction."""
         import tensorflow as tf
 
         height = int(transform_config(self.config.data).crop_size[0])
         width = max(32, int(round(image.shape[1] * height / image.shape[0] / 32)) * 32)
         resized = tf.image.resize(tf.constant(image, tf.float32), (height, width), method="bilinear")
-        x = jnp.asarray(resized.numpy() / 127.5 - 1.0, jnp.float32)[None]
-        pred = self._forward(variables, x, jnp.asarray([scene], jnp.int32), constants["class_embeddings"])
+        x = (resized.numpy() / 127.5 - 1.0).astype(np.float32)[None]
+        x = np.pad(x, ((0, 0), (0, 0), (0, -width % PREDICT_WIDTH_BUCKET), (0, 0)))  # zeros: as the model pads
+        pred = self._forward(variables, jnp.asarray(x), jnp.asarray([scene], jnp.int32),
+                             constants["class_embeddings"])[:, :, :width]
         return {"depth": np.asarray(resize.bilinear(pred[..., None], image.shape[:2])[0, ..., 0])}
+
+
+# Depth predictions pad the resized width to a multiple of this many pixels: the padding changes the prediction
+# near the right edge a little (the UNet attends across the image), against one compilation per width.
+PREDICT_WIDTH_BUCKET = 128
 
 
 class ReferTask(_VPDTask):
