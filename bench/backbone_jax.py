@@ -34,8 +34,8 @@ MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_i
 
 def readout_param_shapes(model: UNet2DConditionModel) -> dict:
     """The parameters of the VPD read-out: init stops after the last up block (`output_sample=False`), so the
-    output head (conv_norm_out, conv_out), which VPD never applies (spec/vpd.md 1.2 item 5) and the PyTorch side
-    deletes, gets none. Both frameworks then hold, differentiate and update the same parameters."""
+    output head (conv_norm_out, conv_out), which VPD never applies (docs/reference.md, "VPD backbone") and the
+    PyTorch side deletes, gets none. Both frameworks then hold, differentiate and update the same parameters."""
     last = f"up_blocks.{len(model.config.up_block_types) - 1}"
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *model.dummy_inputs(), taps=(last,),
                                                   output_sample=False))

@@ -1,10 +1,9 @@
 """The PyTorch side of the backbone comparison: diffusers' `UNet2DConditionModel` doing VPD's work (bench/cases.py).
 
 As the reference does it: forward hooks read the four taps, an attention processor records the head-averaged
-probabilities of the ten VPD layers (the parity tests' `RecordingAttnProcessor`; every other layer keeps
-diffusers' default, `scaled_dot_product_attention`), and the output head (conv_norm_out, conv_act, conv_out),
-which VPD never applies (spec/vpd.md 1.2 item 5), is removed. Runs in its own process (bench/worker.py); imports
-no JAX.
+probabilities of the ten VPD layers (the parity tests' `RecordingAttnProcessor`; every other layer keeps diffusers'
+default, `scaled_dot_product_attention`), and the output head (conv_norm_out, conv_act, conv_out), which VPD never
+applies (docs/reference.md, "VPD backbone"), is removed. Runs in its own process (bench/worker.py); imports no JAX.
 """
 from __future__ import annotations
 
@@ -76,7 +75,7 @@ class VPDReadout:
         for name in self.map_names:
             by_queries.setdefault(self.maps[name].shape[1], []).append(self.maps[name])
         for queries, group in by_queries.items():
-            mean = (sum(group[1:], group[0]) / len(group)).detach()  # no gradient through the maps (spec 1.4)
+            mean = (sum(group[1:], group[0]) / len(group)).detach()  # no gradient through the maps, as VPD
             i = next(i for i, f in enumerate(features) if f.shape[2] * f.shape[3] == queries)
             batch, _, height, width = features[i].shape
             maps = mean.transpose(1, 2).reshape(batch, -1, height, width)

@@ -1,9 +1,10 @@
 """What the backbone comparison measures: the UNet, the VPD read-out, and the grid of cases.
 
-The work in both frameworks is VPD's backbone (spec/vpd.md 1.2-1.4): the SD UNet at t = 1 on a (B, S/8, S/8, 4)
-latent with a 150-token context (VPD-seg's class embeddings), read out at the four VPD taps, with the head-
-averaged cross-attention maps of the ten VPD layers averaged per resolution and concatenated after the feature
-of that resolution (no gradient through the maps, spec 1.4). Nothing after the last tap is computed.
+The work in both frameworks is VPD's backbone (docs/reference.md, "VPD backbone", "VPD taps", "VPD attention maps"): the
+SD UNet at t = 1 on a (B, S/8, S/8, 4) latent with a 150-token context (VPD-seg's class embeddings), read out at the
+four VPD taps, with the head-averaged cross-attention maps of the ten VPD layers averaged per resolution and
+concatenated after the feature of that resolution (no gradient through the maps, as in the reference). Nothing after the
+last tap is computed.
 
   forward  the four features, no gradient
   train    loss = sum over the four features of mean(feature ** 2); gradient w.r.t. every UNet parameter; one
@@ -28,7 +29,7 @@ CONTEXT_TOKENS = 150  # VPD-seg: the 150 adapted ADE20K class embeddings
 # compute.attention_query_chunk of the JAX cases that set one: on XLA:CPU, 128-query chunks of the 64x64 latent's
 # self-attention are the fastest (measured 64-1024 at 512 px) and need a fraction of the memory.
 QUERY_CHUNK = 128
-TIMESTEP = 1  # spec 1.2
+TIMESTEP = 1  # VPD's
 ADAMW = dict(lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
 
 

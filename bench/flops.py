@@ -1,4 +1,5 @@
-"""Analytic FLOP counts of the networks, written from their architecture (spec/vpd.md 1.1, 2.1), not from XLA.
+"""Analytic FLOP counts of the networks, written from their architecture (docs/reference.md, "Numerics",
+"Segmentation model and loss"), not from XLA.
 
 Only the dense work is counted: convolutions, linear layers and the two attention matmuls (q k^T and p v), at two
 FLOPs per multiply-add. Norms, activations, softmax, resizes, the loss and the optimizer are elementwise and left
@@ -167,7 +168,7 @@ def vae_encoder_ops(cfg: VAEConfig, image_hw: tuple[int, int], batch: int) -> li
         for j in range(cfg.layers_per_block):
             b.resnet(f"vae.encoder.down_blocks.{i}.resnets.{j}", hw, x, c, None)
             x = c
-        if i < len(cfg.block_out_channels) - 1:  # pad (0, 1) on each side, then 3x3 stride 2 (spec 1.1)
+        if i < len(cfg.block_out_channels) - 1:  # pad (0, 1) on each side, then 3x3 stride 2 (the SD VAE's)
             hw = b.conv(f"vae.encoder.down_blocks.{i}.downsamplers.0", hw, c, c, 3, stride=2, pad=(0, 1))
     if cfg.mid_block_add_attention:
         _vae_mid(b, "vae.encoder.mid_block", hw, x)
@@ -178,7 +179,8 @@ def vae_encoder_ops(cfg: VAEConfig, image_hw: tuple[int, int], batch: int) -> li
 
 
 def vae_decoder_ops(cfg: VAEConfig, image_hw: tuple[int, int], batch: int) -> list[Op]:
-    """diffusers' `Decoder` + post_quant_conv: what VPD deletes (spec 1.1); counted to show what is not compiled."""
+    """diffusers' `Decoder` + post_quant_conv: what VPD deletes (docs/reference.md, "VPD backbone"); counted to show
+    what is not compiled."""
     b = _Builder(batch, frozen=True)
     levels = len(cfg.block_out_channels)
     hw = (image_hw[0] // 2 ** (levels - 1), image_hw[1] // 2 ** (levels - 1))
@@ -199,7 +201,8 @@ def vae_decoder_ops(cfg: VAEConfig, image_hw: tuple[int, int], batch: int) -> li
 
 def semantic_fpn_ops(level_channels: Sequence[int], level_hw: Sequence[tuple[int, int]], batch: int,
                      num_classes: int, channels: int = 256) -> list[Op]:
-    """mmseg FPN neck + FPNHead (spec 2.1) on the four features, finest first."""
+    """mmseg FPN neck + FPNHead (docs/reference.md, "Segmentation model and loss") on the four features, finest
+    first."""
     b = _Builder(batch)
     for i, (cin, hw) in enumerate(zip(level_channels, level_hw)):
         b.conv(f"head.neck.lateral_convs.{i}", hw, cin, channels, 1)
@@ -223,7 +226,7 @@ def vpd_seg_ops(unet: UNetConfig, vae: VAEConfig, image_hw: tuple[int, int], bat
     levels = [(latent_hw[0] // 2 ** k, latent_hw[1] // 2 ** k) for k in range(4)]
     channels = [unet.block_out_channels[0], unet.block_out_channels[1], unet.block_out_channels[2],
                 unet.block_out_channels[3]]
-    if use_attn:  # maps concatenated after the 1/2 and 1/4 resolution features (spec 1.4)
+    if use_attn:  # maps concatenated after the 1/2 and 1/4 resolution features, as VPD
         channels[1] += num_classes
         channels[2] += num_classes
     return (vae_encoder_ops(vae, image_hw, batch) + adapter.ops

@@ -1,19 +1,22 @@
-"""LD-ZNet (default) or ZNet (--config.model.inject=False): text-based segmentation on PhraseCut (spec/ldznet.md;
-the paper's PhraseCut test table reports mIoU / IoU_FG / AP, here mIoU@0.3, IoU_FG@0.3, IoU_FG@0.5 and AP, spec 4.1;
-the spec does not record the paper's numbers: check the paper before comparing).
+"""LD-ZNet (default) or ZNet (--config.model.inject=False): text-based segmentation on PhraseCut (docs/reference.md,
+"LD-ZNet"; the paper's PhraseCut test table reports mIoU / IoU_FG / AP, here mIoU@0.3, IoU_FG@0.3, IoU_FG@0.5 and AP,
+docs/reference.md "PhraseCut metrics"; this repository does not record the paper's numbers: check the paper before
+comparing).
 
-Reference run (spec 0, 3.2): SD v1.4 (`config.init`: sd-v1-4-full-ema.ckpt, whose non-EMA UNet, as the reference's,
-initialises ZNet with conv_out sliced to channel 0 and is the frozen feature extractor (`model.compvis_unet`); a
-diffusers folder gives the UNet it was exported with; docs/fidelity.md), CLIP ViT-L/14, 384x384
-square crops, batch 4 per GPU (the GPU count is not recorded; we take 8, i.e. global batch 32), AdamW
-(0.9, 0.999, 1e-8) wd 0.01 on everything trained, lr = 5e-7 x global batch (1.6e-5 at 32; it follows
---config.batch_size unless --config.optim.lr is given), EMA 0.9999 used for evaluation. Documented replacements:
+Reference run (docs/reference.md, "LD-ZNet at a glance", "LD-ZNet optimiser and learning rate"): SD v1.4 (`config.init`:
+sd-v1-4-full-ema.ckpt, whose non-EMA UNet, as the reference's, initialises ZNet with conv_out sliced to channel 0 and is
+the frozen feature extractor (`model.compvis_unet`); a diffusers folder gives the UNet it was exported with;
+docs/fidelity.md), CLIP ViT-L/14, 384x384 square crops, batch 4 per GPU (the GPU count is not recorded; we take 8, i.e.
+global batch 32), AdamW (0.9, 0.999, 1e-8) wd 0.01 on everything trained, lr = 5e-7 x global batch (1.6e-5 at 32; it
+follows --config.batch_size unless --config.optim.lr is given), EMA 0.9999 used for evaluation. Documented replacements:
   - ReduceLROnPlateau(0.5, patience 1) on the epoch-mean training loss -> a constant lr (vpd_jax.run.optim explains);
   - the training length is not recorded ("until stopped"): 100k steps at batch 32 (about 10 epochs of PhraseCut
     train) is our choice;
-  - evaluation is deterministic: the prompt template is seeded per example (data.seed) and the VAE sample, SD
-    timestep and noise per example (eval.seed), where the reference draws them at random (spec 7.15).
-Test protocol (spec 4.1): the `test` split, whole image squashed to 384x384, metrics at 384x384.
+  - evaluation is deterministic: the prompt template is seeded per example (data.seed) and the VAE sample, SD timestep
+    and noise per example (eval.seed), where the reference draws them at random (docs/reference.md, "PhraseCut test
+    protocol"; docs/fidelity.md).
+Test protocol (docs/reference.md, "PhraseCut test protocol"): the `test` split, whole image squashed to 384x384, metrics
+at 384x384.
 
   python train.py --config=configs/ldznet_phrasecut.py --workdir=runs/ldznet_phrasecut \\
       --config.init=/path/to/stable-diffusion-v1-4 \\
@@ -37,9 +40,9 @@ def get_config(arg=None):
         return smoke_config()
     c = ldznet_config("phrasecut", batch_size=32)
     c.compute.matmul_precision = "highest"  # float32 matmuls as the references' fp32 GPU runs (README)
-    c.eval_batch_size = 32  # the CLIPSeg scorer's batch (spec 4.1)
+    c.eval_batch_size = 32  # the CLIPSeg scorer's batch
     c.total_steps = 100_000
-    c.ckpt_every = 500  # the reference's checkpoint interval (spec 3.2)
+    c.ckpt_every = 500  # the reference's checkpoint interval
     c.eval_every = 10_000
     return c
 
@@ -49,7 +52,7 @@ def ldznet_config(data_name: str, batch_size: int):
     c.batch_size = batch_size
     c.eval_batch_size = c.data.eval_batch_size_per_host
     c.optim = default_optim_config("ldznet", global_batch=batch_size)
-    c.optim.lr = c.get_ref("batch_size").to_float() * LDZNET_LR_PER_SAMPLE  # spec 3.2: scaled with the batch
+    c.optim.lr = c.get_ref("batch_size").to_float() * LDZNET_LR_PER_SAMPLE  # scaled with the batch, as the reference
     return c
 
 

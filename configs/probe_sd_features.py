@@ -1,8 +1,8 @@
 """Feature probing of a Stable Diffusion UNet: a small decoder per (tap, timestep) trained on the frozen UNet's
 features of noised latents to segment the phrase's region, one PhraseCut metric per (tap, t) as a table and a
 heatmap (the LD-ZNet paper's analysis of which blocks and timesteps carry text-aligned semantics;
-vpd_jax/models/probe.py describes the model). The reference repository has no probing code (spec/ldznet.md): every value here is our choice,
-and the paper's figure is a qualitative comparison, not a number this run reproduces.
+vpd_jax/models/probe.py describes the model). The LD-ZNet repository has no probing code: every value here is our
+choice, and the paper's figure is a qualitative comparison, not a number this run reproduces.
 
   python -m vpd_jax.apps.probe --config=configs/probe_sd_features.py --workdir=runs/probe_sd14 \\
       --config.init=/path/to/stable-diffusion-v1-4 \\

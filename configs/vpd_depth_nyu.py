@@ -1,4 +1,5 @@
-"""VPD monocular depth on NYUv2 (spec/vpd.md 3; paper: RMSE 0.254, d1 0.964, REL 0.069 on the 654 test images).
+"""VPD monocular depth on NYUv2 (paper: RMSE 0.254, d1 0.964, REL 0.069 on the 654 test images). The original
+recipe and test protocol: docs/reference.md, "Depth model" to "Depth test protocol".
 
 Reference run: SD v1.5, 480x480 crops of the 24,231-image BTS training set (padded to 512 in the model), global
 batch 24 (8 GPUs x 3), 25 epochs of 1,009 iterations, AdamW with the power-0.9 ramp 3e-5 -> 5e-4 -> 3e-5 (UNet

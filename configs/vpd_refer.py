@@ -1,5 +1,5 @@
-"""VPD referring image segmentation on RefCOCO / RefCOCO+ / RefCOCOg (spec/vpd.md 4; paper val oIoU: 73.46 /
-63.93 / 63.12).
+"""VPD referring image segmentation on RefCOCO / RefCOCO+ / RefCOCOg (paper val oIoU: 73.46 / 63.93 / 63.12). The
+original recipe and test protocol: docs/reference.md, "Referring model" to "Referring metrics".
 
 Reference run: SD v1.5 with its CLIP text encoder (frozen), 512x512 squashed images, CLIP tokens L = 40
 (RefCOCO, RefCOCO+) or 77 (RefCOCOg umd) of REFER's sentences, global batch 32 (8 GPUs x 4), 40 epochs over the

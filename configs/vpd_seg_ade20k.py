@@ -1,4 +1,5 @@
-"""VPD semantic segmentation on ADE20K-150 (spec/vpd.md 2; paper: 53.7 mIoU single scale, 54.6 ms+flip).
+"""VPD semantic segmentation on ADE20K-150 (paper: 53.7 mIoU single scale, 54.6 ms+flip). The original recipe and
+test protocol: docs/reference.md, "Segmentation model and loss" to "Segmentation test protocol".
 
 Reference run: SD v1.5, Semantic FPN, 512x512 crops, global batch 16 (8 GPUs x 2), 80k iterations, AdamW 8e-5
 (UNet x0.1 except its transformer norms), wd 1e-3, poly(1.0) with 1500 warm-up iterations; slide test 512/341.

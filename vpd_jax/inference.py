@@ -1,5 +1,6 @@
-"""Test-time inference of the references: sliding-window and multi-scale + flip segmentation (mmseg 0.30,
-spec/vpd.md 2.4) and the shift-window + flip depth test (GLPDepth/VPD, spec 3.6).
+"""Test-time inference of the references: sliding-window and multi-scale + flip segmentation (mmseg 0.30;
+docs/reference.md, "Segmentation test protocol") and the shift-window + flip depth test (GLPDepth/VPD;
+docs/reference.md, "Depth test protocol").
 
 Every function takes a model function and arrays with **static shapes**: window positions, resize taps and
 coverage counts are computed in Python from the shapes, so one `jax.jit` compilation serves every image of a
@@ -9,16 +10,17 @@ canvas (zero-padded adds) in the reference's loop order, so the sums round as th
 `*_padded` functions serve the evaluation pipeline's padded batches: static padded shapes, traced valid
 sizes, the same numbers inside the valid region (`segment_padded_probs` runs the multi-scale + flip test on them).
 
-Arrays are NHWC. Segmentation images are normalised to [-1, 1] (spec 2.2 step 5); model functions return
-logits, which are upsampled to their input size here if they come back smaller (mmseg's `encode_decode`).
+Arrays are NHWC. Segmentation images are normalised to [-1, 1] as in training (docs/reference.md, "Segmentation training
+data"); model functions return logits, which are upsampled to their input size here if they come back smaller (mmseg's
+`encode_decode`).
 
-Where the image resizes happen: the evaluation pipeline (`vpd_jax.data.transforms.seg_eval`, tf.data) does
-the single-scale keep-ratio resize exactly as OpenCV does (uint8, fixed-point weights). `segment` can also
-resize here, in JAX, from the image it is given to each scale's keep-ratio size: bilinear, half-pixel
-(align_corners=False) and **without antialiasing**, like cv2.INTER_LINEAR (jax.image.resize would
-antialias when downscaling, spec 6.10). That resize works on the normalised float image and does not round
-to uint8 as cv2 does, so it differs from the pipeline's by up to about one uint8 step. A resize to the size
-the image already has is the identity, so a pipeline-resized image passes through untouched at ratio 1.0.
+Where the image resizes happen: the evaluation pipeline (`vpd_jax.data.transforms.seg_eval`, tf.data) does the
+single-scale keep-ratio resize exactly as OpenCV does (uint8, fixed-point weights). `segment` can also resize here, in
+JAX, from the image it is given to each scale's keep-ratio size: bilinear, half-pixel (align_corners=False) and
+**without antialiasing**, like cv2.INTER_LINEAR (jax.image.resize would antialias when downscaling; docs/reference.md,
+"Resizes"). That resize works on the normalised float image and does not round to uint8 as cv2 does, so it differs from
+the pipeline's by up to about one uint8 step. A resize to the size the image already has is the identity, so a
+pipeline-resized image passes through untouched at ratio 1.0.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from vpd_jax.models import resize
 
 Window = tuple[int, int, int, int]  # (y1, y2, x1, x2), half-open
 SEG_IMG_SCALE = (2048, 512)  # mmseg (long, short) img_scale of the ADE20K test pipeline
-AUG_TEST_RATIOS = (1.0, 1.125, 1.25, 1.375, 1.5)  # mmseg --aug-test img_ratios (spec 2.4)
+AUG_TEST_RATIOS = (1.0, 1.125, 1.25, 1.375, 1.5)  # mmseg --aug-test img_ratios (the reference's)
 SMALL_CROP_MODES = ("pad", "direct")
 
 
@@ -96,7 +98,8 @@ def window_grid(image_hw: Sequence[int], crop: Sequence[int] | int = (512, 512),
 
     grids = max(size - crop + stride - 1, 0) // stride + 1 per axis; window i starts at i * stride, ends at
     min(start + crop, size) and then starts at max(end - crop, 0), so the last window is flush with the
-    border and windows are smaller than the crop when the image is (spec 2.4)."""
+    border and windows are smaller than the crop when the image is (docs/reference.md, "Segmentation test
+    protocol")."""
     (h, w), (ch, cw), (sh, sw) = _pair(tuple(image_hw), "image_hw"), _pair(crop, "crop"), _pair(stride, "stride")
 
     def axis(size, c, s):
@@ -128,7 +131,8 @@ def slide_inference(predict_fn: Callable[[jax.Array], jax.Array], image: jax.Arr
                     crop: Sequence[int] | int = (512, 512), stride: Sequence[int] | int = (341, 341), *,
                     small_crop: str = "pad", pad_value: float = 0.0,
                     chunk_size: Optional[int] = None) -> jax.Array:
-    """mmseg `slide_inference` (spec 2.4): (B, H, W, 3) -> averaged logits (B, H, W, num_classes), float32.
+    """mmseg `slide_inference` (docs/reference.md, "Segmentation test protocol"): (B, H, W, 3) -> averaged logits
+    (B, H, W, num_classes), float32.
 
     predict_fn maps crops (N, h, w, 3) to logits (N, h', w', num_classes); logits smaller than the crop are
     upsampled to it (bilinear, align_corners False). Logits are summed into a canvas window by window and
@@ -136,10 +140,10 @@ def slide_inference(predict_fn: Callable[[jax.Array], jax.Array], image: jax.Arr
 
     When the image is smaller than `crop` along an axis, every window is the whole image along it:
     * small_crop="direct" runs the model on that smaller crop, as mmseg does;
-    * small_crop="pad" (default) pads the crop bottom/right with `pad_value` (0 is the normalised mid-grey
-      the training pipeline pads with, spec 2.2 step 6) to the crop size and keeps the logits of the real
-      pixels. The model then always sees the crop size, which a UNet needing sizes divisible by 64 may
-      require; a conv net's logits near the padded border differ slightly from "direct".
+    * small_crop="pad" (default) pads the crop bottom/right with `pad_value` (0 is the normalised mid-grey the training
+      pipeline pads with; docs/reference.md, "Segmentation training data") to the crop size and keeps the logits of the
+      real pixels. The model then always sees the crop size, which a UNet needing sizes divisible by 64 may require; a
+      conv net's logits near the padded border differ slightly from "direct".
     """
     _check_images(image, "slide_inference")
     if small_crop not in SMALL_CROP_MODES:
@@ -414,8 +418,8 @@ def segment_padded(predict_fn: Callable[[jax.Array], jax.Array], image: jax.Arra
 # ------------------------------------------------------------------------------------------------- depth
 
 def depth_window_offsets(width: int, window: int, shift_size: int = 2) -> list[int]:
-    """x offsets of the shift-window test (spec 3.6): i * ((width - window) // (shift_size - 1)) for i in
-    range(shift_size); [0, 160] for 640-wide images and 480-wide windows.
+    """x offsets of the shift-window test (docs/reference.md, "Depth test protocol"): i * ((width - window) //
+    (shift_size - 1)) for i in range(shift_size); [0, 160] for 640-wide images and 480-wide windows.
 
     As in the reference, when (width - window) is not a multiple of (shift_size - 1) the last columns are
     covered by no window; their depth is 0/0 = NaN, which the clean-up turns into min_depth. shift_size 1
@@ -432,7 +436,8 @@ def depth_shift_window_flip(predict_fn: Callable[[jax.Array, jax.Array], jax.Arr
                             class_ids: jax.Array, window: Optional[int] = None, shift_size: int = 2,
                             flip: bool = True, *, min_depth: float = 1e-3, max_depth: float = 10.0,
                             chunk_size: Optional[int] = None) -> jax.Array:
-    """The VPD/GLPDepth NYUv2 test (spec 3.6): (B, H, W, 3) images, (B,) scene ids -> depth (B, H, W[, 1]).
+    """The VPD/GLPDepth NYUv2 test (docs/reference.md, "Depth test protocol"): (B, H, W, 3) images, (B,) scene ids ->
+    depth (B, H, W[, 1]).
 
     Windows of width `window` (default: the image height, as the reference; 480 on 480x640) at
     `depth_window_offsets`; the model batch is [windows (window-major), their horizontal flips] with each

@@ -1,11 +1,13 @@
 """Training losses of the three VPD tasks, computed in float32 (NHWC logits).
 
-* `segmentation_loss`: mmseg CrossEntropyLoss (spec/vpd.md 2.1). Logits are first upsampled bilinearly
-  (align_corners=False) to the label size; ignored pixels (255) contribute 0, and the sum is divided by **all**
-  pixels of the batch (`avg_non_ignore=False`, mmseg 0.30's default) or by the valid ones (`avg_non_ignore=True`).
+* `segmentation_loss`: mmseg CrossEntropyLoss (docs/reference.md, "Segmentation model and loss"). Logits are first
+  upsampled bilinearly (align_corners=False) to the label size; ignored pixels (255) contribute 0, and the sum is
+  divided by **all** pixels of the batch (`avg_non_ignore=False`, mmseg 0.30's default) or by the valid ones
+  (`avg_non_ignore=True`).
 * `silog_loss`: sqrt(mean(d^2) - lambda * mean(d)^2), d = log(gt) - log(pred), pooled over every valid pixel
-  (gt > 0) of the batch (spec 3.4).
-* `referring_loss`: cross entropy with class weights [0.9, 1.1]: sum_i w_{y_i} nll_i / sum_i w_{y_i} (spec 4.3).
+  (gt > 0) of the batch; the reference's lambda is 0.5 (docs/reference.md, "Depth loss").
+* `referring_loss`: cross entropy with class weights [0.9, 1.1]: sum_i w_{y_i} nll_i / sum_i w_{y_i}
+  (docs/reference.md, "Referring loss and optimiser").
 
 Labels outside [0, num_classes) other than the ignore index make the loss NaN (PyTorch raises instead), which
 the trainer's NaN check reports.

@@ -8,20 +8,20 @@ Each metric has three parts:
 * a numpy convenience function (`segmentation_scores`, `depth_scores`, `referring_scores`, `phrasecut_scores`).
 Padded examples are excluded with `example_mask` (B,) (True = real example). All scores are fractions, not %.
 
-* Segmentation (mmseg, spec/vpd.md 2.4): per-class intersection/union/prediction/label areas summed over the
-  whole set (pixels labelled `ignore_index` are skipped); IoU_c = I/U (nan when U = 0), Acc_c = I/label area;
-  mIoU and mAcc are nan-means over classes, aAcc = sum I / sum label area.
-* Depth (GLPDepth, spec 3.6): predictions cleaned (inf -> max_depth, NaN -> min_depth), valid pixels
-  min_depth < gt < max_depth inside the crop (Eigen: rows 45:471, cols 41:601 of 480x640); each image's metrics
-  over its valid pixels, then averaged over images. An image without valid pixels is left out of the average
+* Segmentation (mmseg; docs/reference.md, "Segmentation test protocol"): per-class intersection/union/prediction/label
+  areas summed over the whole set (pixels labelled `ignore_index` are skipped); IoU_c = I/U (nan when U = 0), Acc_c =
+  I/label area; mIoU and mAcc are nan-means over classes, aAcc = sum I / sum label area.
+* Depth (GLPDepth; docs/reference.md, "Depth test protocol"): predictions cleaned (inf -> max_depth, NaN -> min_depth),
+  valid pixels min_depth < gt < max_depth inside the crop (Eigen: rows 45:471, cols 41:601 of 480x640); each image's
+  metrics over its valid pixels, then averaged over images. An image without valid pixels is left out of the average
   (the reference would produce NaN).
-* Referring (LAVT, spec 4.4): per sentence I = |pred & gt|, U = |pred | gt|, IoU = I/U (0 when U = 0);
-  oIoU = sum I / sum U, mIoU = mean IoU, P@t = fraction of sentences with IoU >= t.
-* PhraseCut (CLIPSeg FixedIntervalMetrics, spec/ldznet.md 4.1): thresholds linspace(0, 1, 51)[1:-1], a pixel is
-  predicted where prob > threshold (compared in float32, as torch does); IoU_FG(t) = sum tp / (1 + sum tp + sum
-  fp + sum fn) over the set; mIoU(t) = mean over samples of tp / (1 + tp + fp + fn); AP = Simpson integral of
-  precision tp/(1+tp+fp) over recall tp/(1+tp+fn), over thresholds with a positive prediction, after removing
-  duplicate (recall, precision) pairs and sorting them (ties in recall ordered by precision).
+* Referring (LAVT; docs/reference.md, "Referring metrics"): per sentence I = |pred & gt|, U = |pred | gt|, IoU = I/U (0
+  when U = 0); oIoU = sum I / sum U, mIoU = mean IoU, P@t = fraction of sentences with IoU >= t.
+* PhraseCut (CLIPSeg FixedIntervalMetrics; docs/reference.md, "PhraseCut metrics"): thresholds linspace(0, 1, 51)[1:-1],
+  a pixel is predicted where prob > threshold (compared in float32, as torch does); IoU_FG(t) = sum tp / (1 + sum tp +
+  sum fp + sum fn) over the set; mIoU(t) = mean over samples of tp / (1 + tp + fp + fn); AP = Simpson integral of
+  precision tp/(1+tp+fp) over recall tp/(1+tp+fn), over thresholds with a positive prediction, after removing duplicate
+  (recall, precision) pairs and sorting them (ties in recall ordered by precision).
 """
 from __future__ import annotations
 

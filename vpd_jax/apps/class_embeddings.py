@@ -1,7 +1,7 @@
 """VPD's frozen class-embedding buffers: the recipes that make them and a tool to compute them.
 
-Recipes (spec/vpd.md 1.5): each row is the *pooled* CLIP text feature (final-LayerNorm state at the EOS token,
-no projection, no L2 normalisation) of prompts built from the class name:
+Recipes (docs/reference.md, "Class embeddings"): each row is the *pooled* CLIP text feature (final-LayerNorm state at
+the EOS token, no projection, no L2 normalisation) of prompts built from the class name:
 * ADE20K (150 classes, mmseg order = train label after reduce_zero_label): one template "a photo of a {}.",
   tokenised to 77 tokens.
 * NYUv2 (27 scene types): underscores become spaces, the 80 OpenAI ImageNet templates, 20 tokens, mean over the

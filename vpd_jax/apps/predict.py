@@ -8,8 +8,9 @@ writes them. Outputs per image `<stem>`, by the kind of output:
   depth        (depth)  <stem>_depth.png (16-bit, millimetres), <stem>_depth_color.png (with a colour bar)
   mask         (refer)  <stem>_mask.png (0 / 255), <stem>_overlay.png
   probability  (ldznet) <stem>_mask.png (probability > threshold, 0 / 255; default 0.3, the threshold of the
-                        PhraseCut metrics mIoU@0.3 / IoU_FG@0.3, spec/ldznet.md 4.1 and 6.4), <stem>_prob.png (the
-                        probabilities over the image)
+                        PhraseCut metrics mIoU@0.3 / IoU_FG@0.3; the reference's script thresholds a
+                        per-image min-max colour map instead: docs/reference.md, "PhraseCut metrics", "LD-ZNet
+                        inference script"), <stem>_prob.png (the probabilities over the image)
 Zero-shot maps (no trained run, a Stable Diffusion folder; vpd_jax/apps/zeroshot.py):
   <stem>_zeroshot.png (heatmap over the image), <stem>_zeroshot_raw.png (the [0, 1] map as 16-bit, 0..65535)
 """

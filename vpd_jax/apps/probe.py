@@ -1,7 +1,7 @@
 """Feature probing of a Stable Diffusion UNet: which blocks and timesteps carry text-aligned semantics (the LD-ZNet
-paper's analysis). The 'probe' task (vpd_jax/tasks/probe.py, model in vpd_jax/models/probe.py) trains a small
-decoder per (tap, t) on the frozen UNet's features of the noised latent; its PhraseCut metrics (spec/ldznet.md 4.1)
-on the evaluation split say how much of the phrase's region those features hold. This module turns them into a
+paper's analysis). The 'probe' task (vpd_jax/tasks/probe.py, model in vpd_jax/models/probe.py) trains a small decoder
+per (tap, t) on the frozen UNet's features of the noised latent; its PhraseCut metrics (docs/reference.md, "PhraseCut
+metrics") on the evaluation split say how much of the phrase's region those features hold. This module turns them into a
 table (markdown + JSON) and a heatmap (taps x timesteps) in the workdir:
 
   python -m vpd_jax.apps.probe --config=configs/probe_sd_features.py:smoke --workdir=runs/probe_smoke

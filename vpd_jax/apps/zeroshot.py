@@ -1,4 +1,5 @@
-"""Zero-shot text-vs-null noise-difference maps from a Stable Diffusion UNet (spec/ldznet.md 5).
+"""Zero-shot text-vs-null noise-difference maps from a Stable Diffusion UNet (docs/reference.md, "Zero-shot
+noise-difference maps").
 
 LD-ZNet's motivating observation: where an image matches a phrase, the noise SD predicts for the noisy latent
 changes when the phrase is given instead of the empty prompt. The map of a phrase is
@@ -10,17 +11,18 @@ changes when the phrase is given instead of the empty prompt. The map of a phras
   map     = mean over (t, k) of minmax(D_tk), bilinearly upsampled to the image, then min-max normalised again
             so that every map spans [0, 1] (a map whose differences are all zero stays 0 everywhere).
 
-The reference repository has no code for this (spec 5), so every parameter is OUR choice (`ZeroShotConfig`):
-timesteps (300, 400, 500) (the range LD-ZNet's frozen branch draws from, spec 2.2, plus its upper bound),
-4 noise draws from fixed seeds (draw k uses the same eps at every t, so the timesteps differ only in t),
-the posterior mean (deterministic), the raw phrase as prompt ("{}") against "" (SD's unconditional prompt),
-and a working size with the aspect kept and area ~ 512^2, each side floored to a multiple of 64 (spec 6.2's rule
-at SD v1's native resolution). Guidance scale 1: any other scale only rescales D (spec 5.5).
+The reference repository has no code for this, so every parameter is OUR choice (`ZeroShotConfig`; docs/fidelity.md):
+timesteps (300, 400, 500) (the range LD-ZNet's frozen branch draws from, plus its upper bound; docs/reference.md,
+"Frozen SD branch"), 4 noise draws from fixed seeds (draw k uses the same eps at every t, so the timesteps differ only
+in t), the posterior mean (deterministic), the raw phrase as prompt ("{}") against "" (SD's unconditional prompt), and a
+working size with the aspect kept and area ~ 512^2, each side floored to a multiple of 64 (the rule of LD-ZNet's
+inference script, docs/reference.md "LD-ZNet inference script", at SD v1's native resolution). Guidance scale 1: any
+other scale only rescales D.
 
 `noise_difference_maps` is the jit-friendly core (the full UNet runs for the eps output; nothing else is kept);
 `ZeroShotMapper` holds a loaded SD folder and maps an image of any size and a phrase to a map of the image's size;
-`score` runs the maps over (image, phrase, mask) examples and returns the PhraseCut metrics (spec 4.1), and
-`eval_examples` reads such examples from the phrasecut evaluation pipeline.
+`score` runs the maps over (image, phrase, mask) examples and returns the PhraseCut metrics (docs/reference.md,
+"PhraseCut metrics"), and `eval_examples` reads such examples from the phrasecut evaluation pipeline.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ FLAT_TOLERANCE = 1e-5
 
 @dataclasses.dataclass(frozen=True)
 class ZeroShotConfig:
-    """Our choices for the noise-difference maps (spec 5 fixes none of them).
+    """Our choices for the noise-difference maps (the reference has no code for them and fixes none).
 
     timesteps       SD timesteps the maps are averaged over
     num_draws       noise draws K per timestep, from jax.random.key(seed) (the same draws for every image)
@@ -98,7 +100,7 @@ def normalize_per_image(maps: jax.Array, flat: jax.Array | None = None) -> jax.A
 def difference_norm(unet: UNet2DConditionModel, params: Any, z_t: jax.Array, t: jax.Array, null_context: jax.Array,
                     text_context: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(||eps_c - eps_u|| over channels (B, h, w), max |eps_u| per image (B,)) from one UNet call on the batch
-    [z_t, z_t] with contexts [null, text] (spec 5.4-5.5)."""
+    [z_t, z_t] with contexts [null, text]."""
     batch = z_t.shape[0]
     eps = unet.apply({"params": params}, jnp.concatenate([z_t, z_t]), jnp.full((2 * batch,), t, jnp.int32),
                      jnp.concatenate([null_context, text_context])).sample.astype(jnp.float32)
@@ -143,8 +145,9 @@ def to_image_size(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 def working_size(height: int, width: int, config: ZeroShotConfig, multiple: int) -> tuple[int, int]:
-    """The (height, width) the image is resized to: spec 6.2's rule (aspect kept, area ~ image_size^2, each side
-    floored to `multiple`, at least `multiple`), or a square of image_size rounded down to `multiple`."""
+    """The (height, width) the image is resized to: the rule of LD-ZNet's inference script (aspect kept, area ~
+    image_size^2, each side floored to `multiple`, at least `multiple`; docs/reference.md, "LD-ZNet inference
+    script"), or a square of image_size rounded down to `multiple`."""
     if not config.keep_aspect:
         side = max(multiple, config.image_size // multiple * multiple)
         return side, side
@@ -158,8 +161,8 @@ class ZeroShotMapper:
     """Noise-difference maps of phrases in images with a loaded SD UNet, VAE encoder, CLIP text encoder and
     tokenizer. `mapper(image, phrase)`: image uint8 (H, W, 3) of any size -> float32 (H, W) map in [0, 1].
 
-    The image is resized (PIL Lanczos, as spec 6.2) to `working_size`, mapped at that size, and the latent map
-    is upsampled straight to the original (H, W). One program is compiled per working size."""
+    The image is resized (PIL Lanczos, as LD-ZNet's inference script) to `working_size`, mapped at that size, and the
+    latent map is upsampled straight to the original (H, W). One program is compiled per working size."""
 
     def __init__(self, unet, unet_params, vae, vae_params, text_encoder, text_params, tokenizer,
                  config: ZeroShotConfig = ZeroShotConfig(), schedule: NoiseSchedule = NoiseSchedule()):
@@ -245,9 +248,10 @@ class ZeroShotMapper:
 
 
 def score(mapper, examples: Iterable[tuple[np.ndarray, str, np.ndarray]], max_examples: int = 0) -> dict[str, float]:
-    """PhraseCut metrics (mIoU@0.3, IoU_FG@0.3, IoU_FG@0.5, AP; spec 4.1) of the maps `mapper(image, phrase)`
-    taken as foreground probabilities against the masks (H, W) (> 0.5 = foreground), for (image, phrase, mask)
-    examples; the same numbers as `metrics.phrasecut_scores` on the list of maps, accumulated one at a time."""
+    """PhraseCut metrics (mIoU@0.3, IoU_FG@0.3, IoU_FG@0.5, AP; docs/reference.md, "PhraseCut metrics") of the maps
+    `mapper(image, phrase)` taken as foreground probabilities against the masks (H, W) (> 0.5 = foreground), for (image,
+    phrase, mask) examples; the same numbers as `metrics.phrasecut_scores` on the list of maps, accumulated one at a
+    time."""
     metric = metrics.PhraseCutMetric()
     for count, (image, phrase, mask) in enumerate(examples, 1):
         prob = np.asarray(mapper(image, phrase), np.float32)
@@ -261,8 +265,9 @@ def score(mapper, examples: Iterable[tuple[np.ndarray, str, np.ndarray]], max_ex
 
 def eval_examples(data) -> Iterator[tuple[np.ndarray, str, np.ndarray]]:
     """(uint8 image, prompt text, mask) of every example of a phrasecut evaluation pipeline (`data` = a config.data
-    section with task 'phrasecut'; the image is squashed to data.aug.size as the test protocol does, spec 4.1).
-    Set data.aug.fixed_template='{}' to get the raw phrases (the pipeline otherwise draws a template)."""
+    section with task 'phrasecut'; the image is squashed to data.aug.size as the test protocol does; docs/reference.md,
+    "PhraseCut test protocol"). Set data.aug.fixed_template='{}' to get the raw phrases (the pipeline otherwise draws a
+    template)."""
     from vpd_jax import visualize
     from vpd_jax.data import pipelines
 

@@ -1,9 +1,9 @@
 """Class names of the datasets, in the order the models' outputs and class embeddings use.
 
 ADE20K-150: mmseg's order, i.e. the training label after reduce_zero_label.
-NYUv2 scene classes (the text input of VPD's depth model, spec/vpd.md 1.5 and 3.2): the order is VPD's
-`nyu_class_list.json` (the 27 scene-type folders of `official_splits/train`); row i of the released
-`nyu_class_embeddings.pth` belongs to class i, so the order is a fact that must not change.
+NYUv2 scene classes (the text input of VPD's depth model; docs/reference.md, "Class embeddings" and "Depth scene
+classes"): the order is VPD's `nyu_class_list.json` (the 27 scene-type folders of `official_splits/train`); row i of the
+released `nyu_class_embeddings.pth` belongs to class i, so the order is a fact that must not change.
 """
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ NYU_SCENE_CLASSES: tuple[str, ...] = (
 def nyu_scene_class_id(file_name: str) -> int:
     """The first class (in list order) whose name is a substring of `file_name`.
 
-    `file_name` is VPD's `<scene folder>_<file>`, e.g. `kitchen_0028b_rgb_00045.jpg`. The rule is order
-    dependent on purpose (spec 3.2): `study_room_*` -> study, `office_kitchen_*` -> kitchen, so classes 5 and
-    19 never occur.
+    `file_name` is VPD's `<scene folder>_<file>`, e.g. `kitchen_0028b_rgb_00045.jpg`. The rule is order dependent on
+    purpose, as VPD's (docs/reference.md, "Depth scene classes"): `study_room_*` -> study, `office_kitchen_*` ->
+    kitchen, so classes 5 and 19 never occur.
     """
     for class_id, name in enumerate(NYU_SCENE_CLASSES):
         if name in file_name:

@@ -66,7 +66,7 @@ def data_config(task: str, name: str, **overrides) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown data pipeline {task!r}; pipelines are {PIPELINES}")
     defaults = dict(_DEFAULTS.get((task, family(name)), {}))
     if name.startswith("ref_coco/refcocog"):
-        defaults["text_max_length"] = 77  # RefCOCOg sentences are longer (spec/vpd.md 1.5)
+        defaults["text_max_length"] = 77  # RefCOCOg sentences are longer: VPD's 77 tokens, not 40
     cfg = ml_collections.ConfigDict({
         "task": task,
         "name": name,

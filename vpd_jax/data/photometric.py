@@ -1,6 +1,7 @@
 """Photometric augmentations on uint8 RGB images with the integer semantics of the references:
-mmseg 0.30 `PhotoMetricDistortion` (segmentation, spec/vpd.md 2.2) and albumentations 1.1-1.3
-`RandomBrightnessContrast`, `RandomGamma`, `HueSaturationValue` (depth, spec/vpd.md 3.3).
+mmseg 0.30 `PhotoMetricDistortion` (segmentation; docs/reference.md, "Segmentation training data") and
+albumentations 1.1-1.3 `RandomBrightnessContrast`, `RandomGamma`, `HueSaturationValue` (depth; docs/reference.md,
+"Depth training data").
 
 Every op reads and writes uint8 and rounds or truncates exactly where the reference does. HSV is
 OpenCV's 8-bit HSV (H in 0..179, S and V in 0..255); `rgb_to_hsv_opencv` / `hsv_to_rgb_opencv`
@@ -106,7 +107,7 @@ def _apply_with_prob(seed, name: str, prob: float, fn, image):
 
 @dataclasses.dataclass(frozen=True)
 class MMSegPhotometricConfig:
-    """mmseg 0.30 PhotoMetricDistortion; defaults are mmseg's (spec/vpd.md 2.2 step 4).
+    """mmseg 0.30 PhotoMetricDistortion; defaults are mmseg's (docs/reference.md, "Segmentation training data").
 
     hue_delta: the shift is numpy `randint(-hue_delta, hue_delta)`, i.e. in [-hue_delta, hue_delta - 1].
     Set a probability to 0 to disable that op.
@@ -159,7 +160,7 @@ def mmseg_photometric_distortion(image: tf.Tensor, seed: tf.Tensor, cfg: MMSegPh
 @dataclasses.dataclass(frozen=True)
 class AlbumentationsPhotometricConfig:
     """The depth colour augmentations: albumentations 1.1-1.3 defaults as GLPDepth/VPD use them
-    (spec/vpd.md 3.3 steps 2.3-2.5). Limits are symmetric: brightness/contrast/sat/val/hue shifts are
+    (docs/reference.md, "Depth training data"). Limits are symmetric: brightness/contrast/sat/val/hue shifts are
     drawn in [-limit, limit]; gamma in gamma_limit / 100. Set a probability to 0 to disable an op."""
     brightness_limit: float = 0.2
     contrast_limit: float = 0.2

@@ -54,7 +54,7 @@ from vpd_jax.data.iterator import DataIterator, TokenizeFn
 
 
 def hide_accelerators_from_tf() -> None:
-    """TF must never take GPU/TPU memory from JAX (CONVENTIONS 6)."""
+    """TF must never take GPU/TPU memory from JAX."""
     for kind in ("GPU", "TPU"):
         try:
             tf.config.set_visible_devices([], kind)
@@ -189,7 +189,8 @@ def _train_fn(task: str, cfg):
                                  "scene_class": el["scene_class"]}
     if task == "refer":
         def refer_train(el, seed):
-            # One of the ref's sentences, drawn anew each time the ref comes round (spec/vpd.md 4.2).
+            # One of the ref's sentences, drawn anew each time the ref comes round, as VPD does (docs/reference.md,
+            # "Referring data").
             pick = tf.random.stateless_uniform([], _sub_seed(seed, 1), 0, tf.size(el["sentences"]), tf.int32)
             return {**transforms.refer(el["image"], el["mask"], cfg), "text": el["sentences"][pick],
                     "ref_id": el["ref_id"]}

@@ -1,12 +1,12 @@
 """Stateless random draws for tf.data augmentations.
 
-Every augmentation takes one per-element `seed` (an int32/int64 tensor of shape (2,), e.g. a pair
-from `tf.data.Dataset.random(seed).batch(2)`) and derives one independent stream per operation with
-`sub_seed(seed, "name")`. Only `tf.random.stateless_*` ops are used, so a pipeline built from these
-functions has no hidden random state and its iterator can be saved with `tf.train.Checkpoint`
-(CONVENTIONS.md section 6). Streams are keyed by name, not by position, so adding an operation does
-not change the draws of the others. The Philox algorithm is pinned: "auto_select" may pick a
-different generator on another device, which would break "same seed, same output".
+Every augmentation takes one per-element `seed` (an int32/int64 tensor of shape (2,), e.g. a pair from
+`tf.data.Dataset.random(seed).batch(2)`) and derives one independent stream per operation with `sub_seed(seed, "name")`.
+Only `tf.random.stateless_*` ops are used, so a pipeline built from these functions has no hidden random state and its
+iterator can be saved with `tf.train.Checkpoint` (vpd_jax/run/checkpoint.py keeps one per process), so a resumed run
+draws what an uninterrupted one would. Streams are keyed by name, not by position, so adding an operation does not
+change the draws of the others. The Philox algorithm is pinned: "auto_select" may pick a different generator on another
+device, which would break "same seed, same output".
 """
 import zlib
 

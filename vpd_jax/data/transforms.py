@@ -2,16 +2,19 @@
 
 Pure TensorFlow, graph-mode safe, for `tf.data.Dataset.map`. Random transforms take a per-element
 `seed` (int32/int64, shape (2,)) and use only stateless random ops derived from it, so the same seed
-gives bit-identical outputs and the pipeline's iterator can be checkpointed (CONVENTIONS.md 6).
+gives bit-identical outputs and the pipeline's iterator can be checkpointed (see random_ops.py).
 Each task has a frozen config dataclass whose defaults are the reference values.
 Call the transforms directly inside `Dataset.map`: wrapping them in a `tf.function` puts a
 (stateful) function-call op into the map, and the iterator can then no longer be checkpointed.
 
-- ADE20K segmentation, mmseg 0.30 (spec/vpd.md 2.2, 2.4): `seg_train`, `seg_eval`.
-- NYUv2 depth, GLPDepth code as VPD uses it (spec/vpd.md 3.3, 3.6): `depth_train`, `depth_eval`, `cut_depth`.
-- RefCOCO referring segmentation, LAVT-style (spec/vpd.md 4.2): `refer`.
-- PhraseCut, LD-ZNet / CLIPSeg dataset (spec/ldznet.md 3.3, 3.4, 4.1): `phrasecut_train`,
-  `phrasecut_eval`, `phrasecut_prompt`.
+The references, by their section titles in docs/reference.md:
+- ADE20K segmentation, mmseg 0.30 ("Segmentation training data", "Segmentation test protocol"): `seg_train`,
+  `seg_eval`.
+- NYUv2 depth, GLPDepth code as VPD uses it ("Depth training data", "Depth test protocol"): `depth_train`,
+  `depth_eval`, `cut_depth`.
+- RefCOCO referring segmentation, LAVT-style ("Referring data"): `refer`.
+- PhraseCut, LD-ZNet / CLIPSeg dataset ("PhraseCut training data", "Prompt templates", "PhraseCut test protocol"):
+  `phrasecut_train`, `phrasecut_eval`, `phrasecut_prompt`.
 
 Where an op approximates OpenCV/PIL rather than reproducing it bit for bit, `image_ops` says so and
 the tests measure the gap.
@@ -65,8 +68,8 @@ def _assert_same_hw(a, b, what):
 
 @dataclasses.dataclass(frozen=True)
 class SegAugConfig:
-    """mmseg ADE20K train/test pipeline (spec/vpd.md 2.2, 2.4). Sizes are (height, width) except
-    img_scale, which is mmseg's (long edge, short edge)."""
+    """mmseg ADE20K train/test pipeline (docs/reference.md, "Segmentation training data", "Segmentation test
+    protocol"). Sizes are (height, width) except img_scale, which is mmseg's (long edge, short edge)."""
     img_scale: tuple[int, int] = (2048, 512)
     ratio_range: tuple[float, float] = (0.5, 2.0)
     crop_size: tuple[int, int] = (512, 512)
@@ -189,7 +192,7 @@ def seg_eval(image, label, cfg: SegAugConfig = SegAugConfig()) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class DepthAugConfig:
-    """GLPDepth/VPD NYUv2 training augmentation (spec/vpd.md 3.3).
+    """GLPDepth/VPD NYUv2 training augmentation (docs/reference.md, "Depth training data").
 
     cutdepth_prob: the reference applies CutDepth on every 4th sample of a worker (a counter);
       here each sample flips a stateless coin with this probability instead.
@@ -302,7 +305,8 @@ def depth_eval(image, depth_m, cfg: DepthAugConfig = DepthAugConfig()) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class ReferConfig:
-    """spec/vpd.md 4.2: square resize that does not keep the aspect ratio; no augmentation."""
+    """VPD's referring input (docs/reference.md, "Referring data"): square resize that does not keep the aspect
+    ratio; no augmentation."""
     size: int = 512
 
     def __post_init__(self):
@@ -347,7 +351,8 @@ PHRASECUT_TEMPLATES = (
 
 @dataclasses.dataclass(frozen=True)
 class PhraseCutConfig:
-    """spec/ldznet.md 3.3 (train crop + resize), 4.1 (eval squash), 3.4 (prompt templates).
+    """LD-ZNet's PhraseCut inputs (docs/reference.md): "PhraseCut training data" (train crop + resize), "PhraseCut
+    test protocol" (eval squash), "Prompt templates".
 
     crop_tries / crop_min_frac: the square crop of side min(H, W) is redrawn up to crop_tries times;
       the first with more than crop_min_frac * H * W foreground pixels (full-image area) wins, else

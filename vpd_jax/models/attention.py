@@ -245,11 +245,12 @@ class Attention(nn.Module):
 
 
 class AttentionPool2d(nn.Module):
-    """LD-ZNet's attention pool over a (B, h, w, C) feature map (spec/ldznet.md 2.4), keeping every token.
+    """LD-ZNet's attention pool over a (B, h, w, C) feature map (docs/reference.md, "Attention pools"), keeping
+    every token.
 
     Tokens are the spatial mean followed by the h*w positions (row-major), plus a learned positional embedding
-    for a `spatial_dim` x `spatial_dim` grid (stored as (1 + S*S, C), the reference's (C, tokens) transposed,
-    spec 7.20). Other grid sizes use the spatial part bicubic-resized with PyTorch's kernel (a = -0.75,
+    for a `spatial_dim` x `spatial_dim` grid (stored as (1 + S*S, C), the reference's (C, tokens) transposed).
+    Other grid sizes use the spatial part bicubic-resized with PyTorch's kernel (a = -0.75,
     align_corners=False) and the mean token's embedding unchanged. `qkv_proj` is chunked into q | k | v first,
     then each into `num_heads` contiguous channel groups; softmax over all 1 + h*w keys in float32; `c_proj`.
     No normalisation and no residual. Returns (B, 1 + h*w, C).

@@ -1,7 +1,8 @@
 """transformers' `CLIPTextModel` in Flax: the SD v1 (OpenAI CLIP ViT-L/14) and SD v2 (OpenCLIP ViT-H) text encoder.
 
 Token + position embeddings, pre-LN encoder layers with causal self-attention, final LayerNorm. No attention
-mask besides the causal one: VPD feeds every token, BOS and padding included, to the UNet (spec/vpd.md 1.5).
+mask besides the causal one: VPD feeds every token, BOS and padding included, to the UNet
+(docs/reference.md, "Referring model").
 
 Parameter names mirror the transformers 4.x state dict, which is what SD checkpoints carry
 (`text_model/encoder/layers_0/self_attn/q_proj/kernel`); transformers 5 saves the same tensors without the

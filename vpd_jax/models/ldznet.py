@@ -1,18 +1,23 @@
-"""ZNet and LD-ZNet: text-based segmentation on the Stable Diffusion latent (spec/ldznet.md 1-2).
+"""ZNet and LD-ZNet: text-based segmentation on the Stable Diffusion latent (the original: docs/reference.md,
+"LD-ZNet" and the sections under it).
 
-image in [-1, 1] -> VAE posterior *sample* x 0.18215 (spec 0, 7.12) = z -> CLIP tokens -> c (B, L, D)
-  ZNet     the SD UNet at t = 0 on the clean z with context c (spec 1.1, 7.4), one output channel, an extra SiLU,
-           and a learned 8x upsampler (`head`, spec 1.1 `final`) -> (B, H, W, 1) logits at the image resolution.
+image in [-1, 1] -> VAE posterior *sample* x 0.18215 (docs/reference.md, "LD-ZNet at a glance") = z -> CLIP tokens
+-> c (B, L, D)
+  ZNet     the SD UNet at t = 0 on the clean z with context c, one output channel, an extra SiLU, and a learned 8x
+           upsampler (`head`, the reference's `final`) -> (B, H, W, 1) logits at the image resolution
+           (docs/reference.md, "ZNet").
   LD-ZNet  also runs the frozen SD UNet on z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps with t ~ U[300, 500) per
-           sample and the same c (spec 2.2, 7.5); its five 1280-channel transformer outputs (spec 2.3) are taken
-           under stop_gradient, each pooled by its own AttentionPool2d and attended to by an extra cross-attention
-           (attn3) in the ZNet transformer at the same position (spec 2.4-2.5, 7.7). The frozen pass stops after
-           the last tap (`output_sample=False`).
+           sample and the same c, not an empty prompt (docs/reference.md, "Frozen SD branch"); its five
+           1280-channel transformer outputs are taken under stop_gradient, each pooled by its own AttentionPool2d
+           and attended to by an extra cross-attention (attn3) in the ZNet transformer at the same position, not
+           one pooled feature shared by all (docs/reference.md, "Injection sites", "Attention pools", "attn3").
+           The frozen pass stops after the last tap (`output_sample=False`).
 
 Parameter tree (what the `ldznet` optimizer preset matches): `vae`, `text_encoder`, `sd_unet` (frozen; LD-ZNet only,
 and only the part before the last tap), `znet` (the SD-initialised UNet with `attentions_j/attn_pool` and
 `transformer_blocks_0/{norm_sd, attn3}` at the injection sites), `head` (`final_0` ... `final_12`, the reference's
-Sequential indices). `params_from_sd` builds the pretrained part of this tree from SD weights (spec 1.2).
+Sequential indices). `params_from_sd` builds the pretrained part of this tree from SD weights
+(docs/reference.md, "ZNet initialisation").
 
 Randomness is explicit: the call takes one PRNG key per example (VAE sample, SD timestep, SD noise), so an
 example's prediction does not depend on its batch or host.
@@ -39,16 +44,18 @@ from vpd_jax.models.vae import SD_VAE, AutoencoderKLEncoder, VAEConfig
 Dtype = Any
 
 TIMESTEP_MODES = ("uniform", "mean")
-NEW_MODULES = ("attn_pool", "attn3", "norm_sd")  # what LD-ZNet adds inside the ZNet UNet (spec 2.4-2.5)
+# What LD-ZNet adds inside the ZNet UNet (docs/reference.md, "Attention pools", "attn3").
+NEW_MODULES = ("attn_pool", "attn3", "norm_sd")
 
 
 # ------------------------------------------------------------------------------------------ injection sites
 
 
 def injection_sites(config: UNetConfig) -> tuple[str, ...]:
-    """The transformers LD-ZNet injects into (spec 2.3): the last transformer of the deepest cross-attention down
-    block, the mid block's, and every transformer of the up block that mirrors that down block. For SD v1 these are
-    down_blocks.2.attentions.1, mid_block.attentions.0 and up_blocks.1.attentions.0/1/2 (1-based SA 6-10)."""
+    """The transformers LD-ZNet injects into (docs/reference.md, "Injection sites"): the last transformer of the
+    deepest cross-attention down block, the mid block's, and every transformer of the up block that mirrors that down
+    block. For SD v1 these are down_blocks.2.attentions.1, mid_block.attentions.0 and up_blocks.1.attentions.0/1/2
+    (1-based SA 6-10)."""
     deepest = max(i for i, kind in enumerate(config.down_block_types) if kind == "CrossAttnDownBlock2D")
     n = len(config.down_block_types)
     up = n - 1 - deepest
@@ -117,14 +124,15 @@ def _identity_conv_init(gain: float):
 
 
 class UpsampleHead(nn.Module):
-    """The reference's `final` (spec 1.1): [Conv3x3, SiLU, ConvT k2 s2, SiLU] x 3, Conv3x3; one channel throughout.
-    Parameter names are the Sequential indices: final_0, final_2, ..., final_12.
+    """The reference's `final` (docs/reference.md, "ZNet"): [Conv3x3, SiLU, ConvT k2 s2, SiLU] x 3, Conv3x3; one
+    channel throughout. Parameter names are the Sequential indices: final_0, final_2, ..., final_12.
 
-    weight_init 'pytorch' (the reference, spec 1.2): PyTorch's default. 'upsample' (our option for runs from scratch): the
-    convolutions copy and the transposed convolutions repeat their input; the first conv doubles it (undoing the
-    SiLU ahead of the head) and adds 4, the last subtracts 4, so the SiLUs between work where they are nearly the
-    identity and the head starts as a nearest 8x upsampling of ZNet's output (about unit gain). With PyTorch's init and a UNet that is not SD's, thirteen random 1-channel
-    layers leave logits that hardly depend on the image (the reference starts from SD's conv_out, spec 7.3)."""
+    weight_init 'pytorch' (the reference, docs/reference.md "ZNet initialisation"): PyTorch's default. 'upsample'
+    (our option for runs from scratch): the convolutions copy and the transposed convolutions repeat their input;
+    the first conv doubles it (undoing the SiLU ahead of the head) and adds 4, the last subtracts 4, so the SiLUs
+    between work where they are nearly the identity and the head starts as a nearest 8x upsampling of ZNet's output
+    (about unit gain). With PyTorch's init and a UNet that is not SD's, thirteen random 1-channel layers leave
+    logits that hardly depend on the image (the reference starts ZNet's conv_out from SD's channel-0 filter)."""
 
     weight_init: str = "pytorch"
     dtype: Dtype = jnp.float32
@@ -154,14 +162,15 @@ class LDZNet(nn.Module):
     token_ids (B, L) int, keys (B,) PRNG keys) -> logits (B, H, W, 1).
 
     unet              the SD UNet architecture (ZNet uses it with out_channels 1)
-    sites             transformers to inject into; () = `injection_sites(unet)` (spec 2.3)
+    sites             transformers to inject into; () = `injection_sites(unet)` (docs/reference.md, "Injection sites")
     pool_image_size   image side the attention pools' learned grids are sized for: 384 gives 12 x 12 and 6 x 6
-                      (145 / 37 tokens, spec 2.4); other inputs resize the grid bicubically
-    latent_scale      0.18215 (spec 0)
-    sample_latent     VAE posterior sample (reference, spec 7.12) or its mean
+                      (145 / 37 tokens, docs/reference.md "Attention pools"); other inputs resize the grid bicubically
+    latent_scale      0.18215 (the reference's, docs/reference.md "LD-ZNet at a glance")
+    sample_latent     VAE posterior sample (the reference, in training and at inference) or its mean
     sd_timesteps      'uniform': (low, high), t ~ U{low, ..., high - 1} per example (reference: (300, 500));
     sd_timestep_mode  'mean': the listed t's, SD features averaged over them (one shared noise draw per example);
-                      one t is a fixed timestep. (Our option: the reference draws one t, spec 2.2.)
+                      one t is a fixed timestep. (Our option: the reference draws one t, docs/reference.md
+                      "Frozen SD branch".)
     head_init         'pytorch' (reference) or 'upsample' (for runs from scratch; UpsampleHead says why)
     """
 
@@ -194,7 +203,7 @@ class LDZNet(nn.Module):
 
     def _check(self, images: jax.Array, token_ids: jax.Array, keys: jax.Array):
         if self.vae_factor != 8:
-            raise ValueError(f"the LD-ZNet head upsamples 8x (spec 1.1) but this VAE downsamples {self.vae_factor}x")
+            raise ValueError(f"the LD-ZNet head upsamples 8x but this VAE downsamples {self.vae_factor}x")
         if self.text.hidden_size != self.unet.cross_attention_dim:
             raise ValueError(f"the text encoder's width {self.text.hidden_size} differs from the UNet's "
                              f"cross_attention_dim {self.unet.cross_attention_dim}")
@@ -218,7 +227,8 @@ class LDZNet(nn.Module):
 
     def _sd_features(self, z: jax.Array, context: jax.Array, t_keys: jax.Array,
                      noise_keys: jax.Array) -> dict[str, jax.Array]:
-        """The frozen SD UNet's transformer outputs at the injection sites on noisy latents (spec 2.2-2.3)."""
+        """The frozen SD UNet's transformer outputs at the injection sites on noisy latents (docs/reference.md,
+        "Frozen SD branch", "Injection sites")."""
         batch = z.shape[0]
         noise = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], jnp.float32))(noise_keys)
         if self.sd_timestep_mode == "uniform":
@@ -231,7 +241,7 @@ class LDZNet(nn.Module):
         sd_unet = UNet2DConditionModel(self.unet, compute=self.compute, name="sd_unet")
         out = sd_unet(z_t, ts.reshape(-1), jnp.tile(context, (count, 1, 1)), taps=self.injection_sites,
                       output_sample=False)
-        # spec 2.2: the extractor runs under no_grad; several timesteps ('mean' mode) are averaged per site.
+        # The reference's extractor runs under no_grad; several timesteps ('mean' mode) are averaged per site.
         return {name: jax.lax.stop_gradient(f.reshape(count, batch, *f.shape[1:]).mean(axis=0))
                 for name, f in out.taps.items()}
 
@@ -248,17 +258,18 @@ class LDZNet(nn.Module):
             latent = posterior.mean + posterior.std * noise.astype(posterior.mean.dtype)
         else:
             latent = posterior.mean
-        z = jax.lax.stop_gradient(latent.astype(jnp.float32)) * self.latent_scale  # frozen VAE (spec 2.1)
-        context = jax.lax.stop_gradient(  # frozen CLIP, last_hidden_state (spec 7.11)
+        z = jax.lax.stop_gradient(latent.astype(jnp.float32)) * self.latent_scale  # frozen VAE, no gradient
+        context = jax.lax.stop_gradient(  # frozen CLIP, last_hidden_state (post final LN), not pooled
             CLIPTextModel(self.text, name="text_encoder", **self._kw())(token_ids).last_hidden_state)
 
         pooled_inputs = self._sd_features(z, context, t_keys, noise_keys) if self.inject else None
         znet = UNet2DConditionModel(dataclasses.replace(self.unet, out_channels=1), compute=self.compute,
                                     attn_pools=self.attn_pools() if self.inject else (), name="znet")
-        # spec 1.1 / 7.4: ZNet sees the clean latent at t = 0.
+        # As the reference: ZNet sees the clean latent (no noise) at t = 0.
         out = znet(z, jnp.zeros((batch,), jnp.int32), context, pooled_inputs=pooled_inputs).sample
         self.sow("intermediates", "znet_sample", out)  # with apply(..., mutable=["intermediates"]), for tests
-        # spec 7.2: an extra SiLU after the 1-channel conv_out, then the learned 8x head, whose last conv gives logits.
+        # As the reference: an extra SiLU after the 1-channel conv_out, then the learned 8x head, whose last conv
+        # gives the logits (docs/reference.md, "ZNet").
         logits = UpsampleHead(self.head_init, name="head", **self._kw())(nn.silu(out))
         return logits.astype(jnp.float32)
 
@@ -269,10 +280,11 @@ class LDZNet(nn.Module):
 def params_from_sd(config: UNetConfig, unet: Mapping[str, Any], vae: Mapping[str, Any],
                    text_encoder: Mapping[str, Any] | None = None, *, inject: bool = True,
                    sites: tuple[str, ...] = ()) -> dict:
-    """The parameters of LDZNet that come from Stable Diffusion (spec 1.2), from SD UNet / VAE / CLIP trees:
-    `znet` is the whole SD UNet with conv_out sliced to its first output channel (weight [..., 0:1], bias [0:1],
-    spec 7.3); `sd_unet` (with `inject`) the part of the same UNet the frozen pass uses; `vae` and `text_encoder`
-    as given. Everything `is_new_parameter` names keeps its initialisation. Works on numpy or jax arrays."""
+    """The parameters of LDZNet that come from Stable Diffusion (docs/reference.md, "ZNet initialisation"), from
+    SD UNet / VAE / CLIP trees: `znet` is the whole SD UNet with conv_out sliced to its first output channel (weight
+    [..., 0:1], bias [0:1]; not zero, not random); `sd_unet` (with `inject`) the part of the same UNet the frozen
+    pass uses; `vae` and `text_encoder` as given. Everything `is_new_parameter` names keeps its initialisation.
+    Works on numpy or jax arrays."""
     conv_out = unet.get("conv_out")
     if conv_out is None or set(conv_out) != {"kernel", "bias"}:
         raise ValueError(f"the SD UNet parameters have no conv_out kernel/bias (top-level keys: {sorted(unet)})")
@@ -292,7 +304,7 @@ def params_from_sd(config: UNetConfig, unet: Mapping[str, Any], vae: Mapping[str
 
 def is_new_parameter(path: tuple[str, ...]) -> bool:
     """True for the parameters SD weights do not provide: the head and the injection modules (PyTorch default
-    init, spec 1.2)."""
+    init, docs/reference.md "ZNet initialisation")."""
     return path[0] == "head" or any(part in NEW_MODULES for part in path)
 
 

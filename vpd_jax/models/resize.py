@@ -1,7 +1,7 @@
 """Spatial resizes with the exact semantics of PyTorch's `F.interpolate(x, size=...)` (no antialias).
 
 `jax.image.resize` samples at half-pixel centres, antialiases when downscaling and has no align_corners=True
-mode, so the references' resizes (spec/vpd.md 6.10, spec/ldznet.md 2.4) are written here:
+mode, so the references' resizes (docs/reference.md, "Resizes") are written here:
 
 * `bilinear(x, size, align_corners)`: 2-tap linear per axis. With align_corners=False the source coordinate is
   (dst + 0.5) * in/out - 0.5 clamped below at 0; with True it is dst * (in - 1)/(out - 1).

@@ -47,7 +47,7 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """3x3 stride-2 `conv`. padding=1: symmetric (UNet); padding=0: pad (0, 1, 0, 1) first (VAE, spec 1.1)."""
+    """3x3 stride-2 `conv`. padding=1: symmetric (UNet); padding=0: pad (0, 1, 0, 1) first (the SD VAE's)."""
 
     out_channels: int
     padding: int = 1

@@ -1,4 +1,4 @@
-"""VPD's residual text adapter and the three per-task cross-attention contexts (spec/vpd.md 1.5).
+"""VPD's residual text adapter and the three per-task cross-attention contexts (docs/reference.md, "Text adapter").
 
 out = T + gamma * MLP(T), MLP = Linear(D, D) -> exact GELU -> Linear(D, D) with PyTorch's default Linear init and
 gamma a learnable per-channel (D,) vector initialised to `gamma_init` (1e-4), so training starts from the frozen
@@ -70,7 +70,7 @@ def depth_context(adapter: TextAdapter, class_embeddings: jax.Array, class_ids: 
 
 
 def referring_context(adapter: TextAdapter, token_features: jax.Array) -> jax.Array:
-    """(B, L, D) CLIP last_hidden_state -> (B, L, D), adapted token-wise (no attention mask, spec 1.5)."""
+    """(B, L, D) CLIP last_hidden_state -> (B, L, D), adapted token-wise (no attention mask, as the reference)."""
     if token_features.ndim != 3:
         raise ValueError(f"token_features must be (batch, length, dim), got shape {token_features.shape}")
     return adapter(token_features)

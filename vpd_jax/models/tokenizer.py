@@ -1,7 +1,8 @@
 """SD-style CLIP tokenisation: transformers' `CLIPTokenizer` from a local folder, fixed-length int32 ids.
 
-Padding to `max_length` and truncation, as ldm's FrozenCLIPEmbedder and VPD's refer code do (spec/vpd.md 1.5).
-The padding token is whatever the folder's tokenizer config says: `<|endoftext|>` for SD v1, `!` for SD v2.
+Padding to `max_length` and truncation, as ldm's FrozenCLIPEmbedder and VPD's refer code do (docs/reference.md,
+"Referring model"). The padding token is whatever the folder's tokenizer config says: `<|endoftext|>` for SD v1, `!` for
+SD v2.
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """diffusers' `Transformer2DModel` (SD's SpatialTransformer) and its `BasicTransformerBlock`, with recording.
 
-Numerics (spec/vpd.md 1.1): the outer GroupNorm has eps 1e-6, the LayerNorms eps 1e-5, the feed-forward is a
-GEGLU with the exact erf GELU, q/k/v have no bias.
+Numerics (docs/reference.md, "Numerics"): the outer GroupNorm has eps 1e-6, the LayerNorms eps 1e-5, the
+feed-forward is a GEGLU with the exact erf GELU, q/k/v have no bias.
 
-LD-ZNet (spec/ldznet.md 2.4-2.5) extends both without changing their default behaviour: a block built with
-`extra_cross_attention` adds a pre-LN cross-attention `attn3` (LayerNorm `norm_sd`) to a second context between
-the text cross-attention and the feed-forward; a Transformer2DModel built with `attn_pool_size` pools a feature
+LD-ZNet (docs/reference.md, "Attention pools", "attn3") extends both without changing their default behaviour: a block
+built with `extra_cross_attention` adds a pre-LN cross-attention `attn3` (LayerNorm `norm_sd`) to a second context
+between the text cross-attention and the feed-forward; a Transformer2DModel built with `attn_pool_size` pools a feature
 map given at call time with its own `attn_pool` (AttentionPool2d) and feeds the tokens to every block's attn3.
 
 Recording: a module is given its diffusers name (`prefix`) and the set of names whose outputs the caller asked
@@ -62,10 +62,9 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-LN self-attention (attn1), cross-attention to the context (attn2), feed-forward; all residual.
 
-    With `extra_cross_attention` (LD-ZNet, spec/ldznet.md 2.5) a third residual step sits between attn2 and the
-    feed-forward: attn3(norm_sd(x), extra_context), with the block's heads, no q/k/v bias, bias on to_out, not
-    gated and not zero-initialised. Returns (tokens, {'attn1': probs, 'attn2': probs}) with only the
-    probabilities asked for.
+    With `extra_cross_attention` (LD-ZNet; docs/reference.md, "attn3") a third residual step sits between attn2 and the
+    feed-forward: attn3(norm_sd(x), extra_context), with the block's heads, no q/k/v bias, bias on to_out, not gated and
+    not zero-initialised. Returns (tokens, {'attn1': probs, 'attn2': probs}) with only the probabilities asked for.
     """
 
     num_heads: int

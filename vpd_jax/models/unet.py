@@ -10,9 +10,9 @@ probabilities (and run the kernel `compute.attention` names, in query chunks if 
 says so), and with `output_sample=False` the forward stops after the block that produces the last requested tap
 (XLA also drops the unused tail when the sample is computed but not used under `jax.jit`).
 
-LD-ZNet's ZNet (spec/ldznet.md 2.4-2.5) is this UNet built with `attn_pools`: each named transformer gets an
-attention pool and an extra cross-attention (see transformer.py), and the call passes the feature map to pool
-for each of them in `pooled_inputs`.
+LD-ZNet's ZNet (docs/reference.md, "Attention pools", "attn3") is this UNet built with `attn_pools`: each named
+transformer gets an attention pool and an extra cross-attention (see transformer.py), and the call passes the feature
+map to pool for each of them in `pooled_inputs`.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The encoder half of diffusers' `AutoencoderKL` (encoder + quant_conv), NHWC.
 
-VPD only encodes: `latents = VAE.encode(x).mode()`, the posterior mean, with no scale factor (spec/vpd.md 1.2).
+VPD only encodes: `latents = VAE.encode(x).mode()`, the posterior mean, with no scale factor (docs/reference.md, "VPD
+backbone").
 The decoder and post_quant_conv are not built; the weight loader skips them by name.
 
 Parameter names mirror the diffusers state dict (`encoder/down_blocks_0/resnets_1/conv1/kernel`,
@@ -36,7 +37,7 @@ class VAEConfig:
     """What the encoder needs from a diffusers `AutoencoderKL` config.json.
 
     `norm_eps` is not a config.json field: diffusers' `Encoder` hard-codes 1e-6 for every GroupNorm
-    (resnets, mid-block attention and conv_norm_out), as ldm does (spec/vpd.md 1.1).
+    (resnets, mid-block attention and conv_norm_out), as ldm does (docs/reference.md, "Numerics").
     """
 
     in_channels: int = 3
@@ -86,7 +87,8 @@ class VAEConfig:
         return cls(**kwargs)
 
 
-# The VAE of Stable Diffusion v1.x and v2.x (ldm: ch 128, ch_mult (1, 2, 4, 4), 2 res blocks, spec/vpd.md 1.1).
+# The VAE of Stable Diffusion v1.x and v2.x (ldm: ch 128, ch_mult (1, 2, 4, 4), 2 res blocks; docs/reference.md,
+# "Numerics").
 SD_VAE = VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
 
 
@@ -147,7 +149,7 @@ class DownEncoderBlock2D(nn.Module):
         for i in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, time_emb=False, name=f"resnets_{i}", **kw)(x)
         if self.add_downsample:
-            # diffusers' Encoder builds these with downsample_padding=0: pad (0, 1, 0, 1), then conv (spec 1.1).
+            # diffusers' Encoder builds these with downsample_padding=0: pad (0, 1, 0, 1), then conv, as ldm.
             x = Downsample2D(self.out_channels, padding=0, name="downsamplers_0", **kw)(x)
         return x
 

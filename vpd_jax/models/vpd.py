@@ -1,8 +1,10 @@
-"""VPD: Stable Diffusion's UNet as a one-step feature extractor, and the three task models (spec/vpd.md 1-4).
+"""VPD: Stable Diffusion's UNet as a one-step feature extractor, and the three task models (the original:
+docs/reference.md, "VPD" and the sections under it).
 
-image in [-1, 1] -> VAE posterior mean (stop_gradient; no 0.18215 scale by default, spec 1.2) -> UNet at t = 1 with
-the task's text context -> four decoder states, finest first, with head-averaged cross-attention maps
-concatenated after the features of the same resolution (spec 1.3, 1.4) -> task head.
+image in [-1, 1] -> VAE posterior mean (stop_gradient; no 0.18215 scale by default; docs/reference.md, "VPD
+backbone") -> UNet at t = 1 with the task's text context -> four decoder states, finest first, with head-averaged
+cross-attention maps concatenated after the features of the same resolution (docs/reference.md, "VPD taps", "VPD
+attention maps") -> task head.
 
 Parameter tree (what the optimizer rules in `vpd_jax.run.optim` match on): `vae` (frozen), `unet`, `text_adapter`,
 `head`, and for referring segmentation `text_encoder` (frozen CLIP); BatchNorm statistics in `batch_stats`.
@@ -37,8 +39,9 @@ class FeatureSpec:
 
 
 def vpd_taps(config: UNetConfig) -> tuple[str, ...]:
-    """The outputs of ldm output blocks 11, 7, 4, 1 (finest first, spec 1.3): the last up block's output and the
-    state after the second layer (resnet, then its transformer if any) of each other up block."""
+    """The outputs of ldm output blocks 11, 7, 4, 1 (finest first; docs/reference.md, "VPD taps"): the last up
+    block's output and the state after the second layer (resnet, then its transformer if any) of each other up
+    block."""
     n = len(config.up_block_types)
     if n != 4:
         raise ValueError(f"VPD reads four decoder levels; this UNet has {n} up blocks")
@@ -48,8 +51,8 @@ def vpd_taps(config: UNetConfig) -> tuple[str, ...]:
 
 
 def cross_attention_layers(config: UNetConfig, latent_hw: Sequence[int], max_queries: int) -> tuple[str, ...]:
-    """attn2 of the down and up blocks whose query count is <= max_queries (spec 1.4: 'up_cross+down_cross'; the
-    mid block's maps are excluded)."""
+    """attn2 of the down and up blocks whose query count is <= max_queries (the reference's 'up_cross+down_cross';
+    the mid block's maps are excluded; docs/reference.md, "VPD attention maps")."""
     n = len(config.down_block_types)
     h, w = latent_hw
     selected = []
@@ -79,7 +82,8 @@ def assemble_features(taps: dict[str, jax.Array], maps: dict[str, jax.Array], sp
                       stop_grad_attn: bool) -> list[jax.Array]:
     """Features finest first; the maps of each resolution are averaged (unweighted, over layers) and concatenated
     after the feature of that resolution. `stop_grad_attn` reproduces the reference, whose maps carry no gradient
-    (ldm's checkpointed transformer blocks run their forward under no_grad, spec 1.4)."""
+    (ldm's checkpointed transformer blocks run their forward under no_grad; docs/reference.md, "VPD attention
+    maps")."""
     features = [taps[name] for name in spec.taps]
     by_size: dict[tuple[int, int], list[jax.Array]] = {}
     for name in spec.attn_layers:
@@ -101,8 +105,8 @@ class _VPDBase(nn.Module):
 
     unet: UNetConfig = UNetConfig()
     vae: VAEConfig = SD_VAE
-    timestep: int = 1  # spec 1.2 / pitfall 1: t = 1, no noise
-    latent_scale: float = 1.0  # spec 1.2 / pitfall 2: VPD never applies SD's 0.18215
+    timestep: int = 1  # the reference's t = 1 (not 0, random or 999), no noise (docs/reference.md, "VPD backbone")
+    latent_scale: float = 1.0  # VPD never applies SD's 0.18215 (docs/reference.md, "VPD backbone")
     use_attn: bool = True
     attn_max_queries: int | None = None
     stop_grad_attn: bool = True
@@ -133,8 +137,9 @@ class _VPDBase(nn.Module):
 
 
 class VPDSeg(_VPDBase):
-    """Semantic segmentation (spec 2.1): every image attends to all adapted class tokens; Semantic FPN head.
-    Returns logits (B, H, W, num_classes) at the input resolution (bilinear, align_corners=False)."""
+    """Semantic segmentation (docs/reference.md, "Segmentation model and loss"): every image attends to all adapted
+    class tokens; Semantic FPN head. Returns logits (B, H, W, num_classes) at the input resolution (bilinear,
+    align_corners=False)."""
 
     num_classes: int = 150
     fpn_channels: int = 256
@@ -153,7 +158,8 @@ class VPDSeg(_VPDBase):
 
 
 class VPDDepth(_VPDBase):
-    """Monocular depth (spec 3.1): one adapted scene token per image; no attention maps by default.
+    """Monocular depth (docs/reference.md, "Depth model"): one adapted scene token per image; no attention maps by
+    default.
 
     Inputs whose sides are multiples of 32 but not of 64 (480) are zero-padded bottom/right to the next multiple of
     64 (in [-1, 1] space, i.e. mid-grey) and the fusion map is cropped back, so the depth comes out at the input
@@ -183,8 +189,9 @@ class VPDDepth(_VPDBase):
 
 
 class VPDRefer(_VPDBase):
-    """Referring segmentation (spec 4.1): frozen CLIP token features (all L tokens, no attention mask) adapted
-    token-wise; SimpleDecoding head. Returns logits (B, H, W, 2) at the input size (bilinear, align_corners=True)."""
+    """Referring segmentation (docs/reference.md, "Referring model"): frozen CLIP token features (all L tokens, no
+    attention mask) adapted token-wise; SimpleDecoding head. Returns logits (B, H, W, 2) at the input size
+    (bilinear, align_corners=True)."""
 
     text: CLIPTextConfig = CLIP_VIT_L14_TEXT
     bn_momentum: float = 0.9

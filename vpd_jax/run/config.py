@@ -14,7 +14,7 @@ their task and paper need. Field meanings:
     class_embeddings   VPD seg / depth: .npy or VPD .pth file, or 'random' (class_embeddings_seed)
     num_classes        VPD seg classes / depth scene classes
     timestep, latent_scale, use_attn, attn_max_queries (-1: (H/16)(W/16)), stop_grad_attn, gamma_init
-                       VPD, spec/vpd.md 1.2-1.5
+                       VPD: docs/reference.md, "VPD backbone", "VPD attention maps", "Text adapter"
   compute.*            how the model computes, not what (vpd_jax/models/compute.py):
     dtype, param_dtype 'float32' | 'bfloat16' (norms and softmax run in float32 either way)
     remat_policy       '' (none) or a name in vpd_jax.models.compute.REMAT_POLICIES, per UNet block
@@ -47,7 +47,8 @@ their task and paper need. Field meanings:
                        the new parameters' norm, then the update happens in place) or 'updates' (the whole new state
                        is computed, then kept or dropped: about one more copy of the trainable parameters in memory
                        at the step's peak; `python -m bench.run --full` measures both). The references have no guard.
-  eval.*               the task's evaluation protocol (its Task.eval_config; VPD: spec 2.4, 3.6, 4.4)
+  eval.*               the task's evaluation protocol (its Task.eval_config; VPD: docs/reference.md, "Segmentation test
+                       protocol", "Depth test protocol", "Referring metrics")
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@ clipping, gradient accumulation and an EMA of the parameters.
 
 Per trainable parameter p in a group with multipliers (lr_mult, wd_mult) the update is torch.optim.AdamW's
     p <- p - lr(t) lr_mult (m_hat / (sqrt(v_hat) + eps) + weight_decay wd_mult p)
-(decoupled decay scaled by the group's lr, as torch does with per-group lr and weight_decay; spec vpd.md 6.8).
+(decoupled decay scaled by the group's lr, as torch does with per-group lr and weight_decay; docs/reference.md,
+"AdamW and parameter groups").
 
 The optimizer works on the *trainable* parameters only: frozen ones (VAE, CLIP, LD-ZNet's SD UNet) get no
 gradient and no state. Typical use in a train step:
@@ -41,8 +42,8 @@ __all__ = ["PARAM_GROUPS", "ParamRule", "ParamGroup", "PRESETS", "default_optim_
 # The optimizers of the tasks (vpd_jax.tasks: each Task names its optim_preset).
 PRESETS = ("vpd_seg", "vpd_depth", "vpd_refer", "ldznet", "probe")
 
-# LD-ZNet: base_learning_rate 5e-7 per sample (spec ldznet.md 3.2); the reference's GPU count is unknown, and 8
-# GPUs x 4 images (global batch 32) is the spec's example.
+# LD-ZNet: base_learning_rate 5e-7 per sample (docs/reference.md, "LD-ZNet optimiser and learning rate"); the
+# reference's GPU count is unknown, and 8 GPUs x 4 images (global batch 32) is our assumption (docs/fidelity.md).
 LDZNET_LR_PER_SAMPLE = 5e-7
 LDZNET_DEFAULT_GLOBAL_BATCH = 32
 
@@ -74,25 +75,27 @@ def default_optim_config(task: str, global_batch: int | None = None) -> ml_colle
     """The reference optimizer of `task` (one of PRESETS) as a `config.optim` section.
 
     Training lengths, which the train config holds and passes to `make_optimizer` as total_steps:
-    vpd_seg 80,000 iterations at global batch 16 (spec vpd.md 2.3); vpd_depth 25 epochs at 24, with
-    steps_per_epoch for the ramp (3.5); vpd_refer 40 epochs at 32 (4.3). LD-ZNet trains "until stopped" with an
-    epoch-level ReduceLROnPlateau on the training loss; we replace that with a constant lr (a plateau rule needs
-    the loss inside the optimizer and makes the run depend on its own noise), scaled by `global_batch` (default 32).
+    vpd_seg 80,000 iterations at global batch 16; vpd_depth 25 epochs at 24, with steps_per_epoch for the ramp;
+    vpd_refer 40 epochs at 32 (docs/reference.md, "Segmentation optimiser", "Depth optimiser", "Referring loss and
+    optimiser"). LD-ZNet trains "until stopped" with an epoch-level ReduceLROnPlateau on the training loss; we replace
+    that with a constant lr (a plateau rule needs the loss inside the optimizer and makes the run depend on its own
+    noise), scaled by `global_batch` (default 32).
     """
     if task not in PRESETS:
         raise ValueError(f"unknown task {task!r} for default_optim_config; tasks: {list(PRESETS)}")
     if global_batch is not None and task != "ldznet":
         raise ValueError(f"{task}: the reference lr does not depend on the batch size; global_batch is for 'ldznet'")
-    if task == "vpd_seg":  # spec vpd.md 2.3
+    if task == "vpd_seg":  # docs/reference.md, "Segmentation optimiser"
         return _optim_config(8e-5, 1e-3, "vpd_seg",
                              dict(name="poly", power=1.0, min_lr=0.0, warmup_steps=1500, warmup_ratio=1e-6))
-    if task == "vpd_depth":  # spec vpd.md 3.5
+    if task == "vpd_depth":  # docs/reference.md, "Depth optimiser"
         return _optim_config(5e-4, 0.1, "vpd_depth", dict(name="vpd_depth_ramp", power=0.9, min_lr=3e-5))
-    if task == "vpd_refer":  # spec vpd.md 4.3
+    if task == "vpd_refer":  # docs/reference.md, "Referring loss and optimiser"
         return _optim_config(5e-5, 1e-2, "vpd_refer", dict(name="poly", power=0.9, min_lr=0.0))
     if task == "probe":  # our choice (no reference): Adam without decay at a constant lr, the decoders only
         return _optim_config(1e-3, 0.0, "probe", dict(name="constant"))
-    batch = LDZNET_DEFAULT_GLOBAL_BATCH if global_batch is None else global_batch  # spec ldznet.md 3.2, 7.13-14
+    # docs/reference.md, "LD-ZNet optimiser and learning rate", "LD-ZNet EMA"
+    batch = LDZNET_DEFAULT_GLOBAL_BATCH if global_batch is None else global_batch
     return _optim_config(lr_scaled_by_batch(LDZNET_LR_PER_SAMPLE, batch), 1e-2, "ldznet", dict(name="constant"),
                          ema_decay=0.9999)
 

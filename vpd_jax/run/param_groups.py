@@ -71,23 +71,25 @@ DEFAULT_GROUP = ParamGroup(lr_mult=1.0, wd_mult=1.0, frozen=False, rule=None)
 
 # UNet parameters whose CompVis ldm name contains "norm": each SpatialTransformer's GroupNorm (`attentions_j/norm`)
 # and the transformer blocks' LayerNorms (`norm1/2/3`). Not the ResBlock GroupNorms (ldm `in_layers.0` /
-# `out_layers.0`, ours `resnets_j/norm1|norm2`) and not `conv_norm_out` (ldm `out.0`). Spec vpd.md 2.3 and 4.3.
+# `out_layers.0`, ours `resnets_j/norm1|norm2`) and not `conv_norm_out` (ldm `out.0`). docs/reference.md,
+# "Segmentation optimiser" and "Referring loss and optimiser".
 _UNET_LDM_NORM = r"^unet/.*/(attentions_\d+/norm|transformer_blocks_\d+/norm[123])/"
-# The UNet's final `out` head (conv_norm_out, conv_out) is never applied by VPD (spec vpd.md 1.2 item 5): torch gives
-# it no gradient, so AdamW skips it entirely (no decay either), and depth deletes it. Frozen here has the same effect.
-# Not required: a UNet initialised without its output head has no such parameters.
+# The UNet's final `out` head (conv_norm_out, conv_out) is never applied by VPD (docs/reference.md, "VPD backbone"):
+# torch gives it no gradient, so AdamW skips it entirely (no decay either), and depth deletes it. Frozen here has the
+# same effect. Not required: a UNet initialised without its output head has no such parameters.
 _UNET_UNUSED_OUT = ParamRule(rf"^unet/({'|'.join(OUTPUT_HEAD_PARAMS)})/", frozen=True, required=False)
 
 PARAM_GROUPS: dict[str, tuple[ParamRule, ...]] = {
-    # Spec vpd.md 2.3: mmcv custom_keys tried longest first (encoder_vq, norm, unet); "norm" -> lr x1, wd 0;
-    # "unet" -> lr x0.1; everything else (text adapter, gamma, FPN, head incl. BN and biases) lr x1, wd x1.
+    # docs/reference.md, "Segmentation optimiser": mmcv custom_keys tried longest first (encoder_vq, norm, unet);
+    # "norm" -> lr x1, wd 0; "unet" -> lr x0.1; everything else (text adapter, gamma, FPN, head incl. BN and biases)
+    # lr x1, wd x1.
     "vpd_seg": (
         ParamRule(r"^vae/", frozen=True),
         _UNET_UNUSED_OUT,
         ParamRule(_UNET_LDM_NORM, lr_mult=1.0, wd_mult=0.0),
         ParamRule(r"^unet/", lr_mult=0.1),
     ),
-    # Spec vpd.md 3.5: "unet" -> lr x0.01; no decay for 1-D params and biases; VAE excluded.
+    # docs/reference.md, "Depth optimiser": "unet" -> lr x0.01; no decay for 1-D params and biases; VAE excluded.
     "vpd_depth": (
         ParamRule(r"^vae/", frozen=True),
         _UNET_UNUSED_OUT,
@@ -95,15 +97,15 @@ PARAM_GROUPS: dict[str, tuple[ParamRule, ...]] = {
         ParamRule(r"^unet/", lr_mult=0.01),
         ParamRule(r"", wd_mult=0.0, vectors_and_biases=True),
     ),
-    # Spec vpd.md 4.3: lr_scale is ignored by torch, so the UNet trains at x1; UNet "norm" params have no decay;
-    # VAE and CLIP frozen.
+    # docs/reference.md, "Referring loss and optimiser": lr_scale is ignored by torch, so the UNet trains at x1; UNet
+    # "norm" params have no decay; VAE and CLIP frozen.
     "vpd_refer": (
         ParamRule(r"^(vae|text_encoder)/", frozen=True),
         _UNET_UNUSED_OUT,
         ParamRule(_UNET_LDM_NORM, wd_mult=0.0),
     ),
-    # Spec ldznet.md 3.1, 7.14: AdamW wd 0.01 on everything trained (ZNet incl. its head and injection modules);
-    # VAE, CLIP and the SD feature UNet frozen.
+    # docs/reference.md, "LD-ZNet optimiser and learning rate": AdamW wd 0.01 on everything trained (ZNet incl. its head
+    # and injection modules); VAE, CLIP and the SD feature UNet frozen.
     "ldznet": (
         ParamRule(r"^(vae|text_encoder|sd_unet)/", frozen=True),
     ),

@@ -55,7 +55,8 @@ def cosine(lr: float, total_steps: int, min_lr: float = 0.0) -> Schedule:
 
 
 def vpd_depth_ramp(lr: float, min_lr: float, total_steps: int, steps_per_epoch: int, power: float = 0.9) -> Schedule:
-    """The VPD depth schedule (spec vpd.md 3.5), with s = count + 1 (the reference's global step starts at 1):
+    """The VPD depth schedule (docs/reference.md, "Depth optimiser"), with s = count + 1 (the reference's global step
+    starts at 1):
     H = steps_per_epoch * (epochs // 2);
     s < H: (lr - min_lr)(s/H)^power + min_lr;  s >= H: max(min_lr, lr - (lr - min_lr)(s/H - 1)^power).
     """
@@ -103,8 +104,9 @@ def make_schedule(cfg: Mapping[str, Any], lr: float, total_steps: int,
 
 
 def lr_scaled_by_batch(lr_per_sample: float, global_batch: int) -> float:
-    """lr = global batch x lr per sample: the CompVis `--scale_lr` rule LD-ZNet trains with (spec ldznet.md 3.2:
-    accumulate_grad_batches x n_gpus x batch_size x base_lr, base_lr 5e-7)."""
+    """lr = global batch x lr per sample: the CompVis `--scale_lr` rule LD-ZNet trains with
+    (accumulate_grad_batches x n_gpus x batch_size x base_lr, base_lr 5e-7; docs/reference.md, "LD-ZNet optimiser and
+    learning rate")."""
     if global_batch <= 0:
         raise ValueError(f"global_batch must be > 0, got {global_batch}")
     return lr_per_sample * global_batch

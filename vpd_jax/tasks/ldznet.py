@@ -1,17 +1,19 @@
-"""The LD-ZNet / ZNet task ('ldznet'; spec/ldznet.md 2-4).
+"""The LD-ZNet / ZNet task ('ldznet'; the original: docs/reference.md, "LD-ZNet").
 
 Batches come from the 'phrasecut' input pipeline (PhraseCut, or vpd_shapes phrases): image (B, S, S, 3) in [-1, 1],
 mask (B, S, S, 1) in {0, 1}, tokens (B, L) of the phrase in a prompt template (random in training; at evaluation
 drawn by a seed fixed per example, pipelines.py). The model's randomness (VAE sample, SD timestep and noise) comes
-from one PRNG key per example (vpd_jax/tasks/phrase.py): drawn afresh at every training step (spec 7.4), fixed per
-example at evaluation (spec 4.1 / 7.15: the reference draws all of these at random at test time).
-Loss: BCE with logits at the full image resolution, mean over all pixels (spec 0, 7.1). Evaluation: PhraseCut
-FixedIntervalMetrics on sigmoid(logits) (mIoU@0.3, IoU_FG@0.3, IoU_FG@0.5, AP; spec 4.1), with the EMA parameters
-when the optimizer keeps them (vpd_jax/run/evaluation.py).
-Predictions (`predict`): the image is squashed to the run's square size (data.aug.size, as the PhraseCut test
-protocol), the phrase is put in data.aug.fixed_template (else the first training template, "a photo of a {}."; the
-reference draws one at random, spec 6.3), the VAE sample and SD noise are seeded by eval.seed, and the
-probabilities are resized back (bilinear, align_corners=True like the squash).
+from one PRNG key per example (vpd_jax/tasks/phrase.py): drawn afresh at every training step, as the reference
+does, and fixed per example at evaluation, where the reference draws all of them at random at test time too
+(docs/reference.md, "PhraseCut test protocol"; docs/fidelity.md).
+Loss: BCE with logits at the full image resolution, mean over all pixels (docs/reference.md, "LD-ZNet loss").
+Evaluation: PhraseCut FixedIntervalMetrics on sigmoid(logits) (mIoU@0.3, IoU_FG@0.3, IoU_FG@0.5, AP;
+docs/reference.md, "PhraseCut metrics"), with the EMA parameters when the optimizer keeps them
+(vpd_jax/run/evaluation.py).
+Predictions (`predict`): the image is squashed to the run's square size (data.aug.size, as the PhraseCut test protocol),
+the phrase is put in data.aug.fixed_template (else the first training template, "a photo of a {}."; the reference draws
+one at random; docs/reference.md, "LD-ZNet inference script"), the VAE sample and SD noise are seeded by eval.seed, and
+the probabilities are resized back (bilinear, align_corners=True like the squash).
 """
 from __future__ import annotations
 
@@ -52,20 +54,20 @@ class LDZNetTask(PhraseTask):
     @staticmethod
     def model_config() -> ml_collections.ConfigDict:
         """arch ('init': UNet/VAE from config.init, the text encoder from its folder; or a preset), text_encoder /
-        tokenizer (default: the `init` pipeline's; tokenizer 'hash' for CLIP-less runs), inject (False: ZNet), sites
-        (() = the five SD v1 blocks of spec 2.3), pool_image_size (the pools' learned grid is sized for this image
-        side, 384 -> 12x12 / 6x6), latent_scale, sample_latent, sd_timesteps / sd_timestep_mode ('uniform' (low,
-        high) per example, or 'mean' over listed t's), head_init ('pytorch' as the reference; 'upsample' starts the
-        1-channel 8x head as a nearest upsampler, for runs without SD weights), compvis_unet (which UNet of a CompVis
-        training checkpoint in config.init initialises ZNet and the frozen extractor: 'model', the non-EMA weights
-        of sd-v1-4-full-ema.ckpt as the reference, or 'model_ema'; a diffusers folder holds one, see
-        vpd_jax/weights/loaders.py)."""
+        tokenizer (default: the `init` pipeline's; tokenizer 'hash' for CLIP-less runs), inject (False: ZNet),
+        sites (() = the five SD v1 blocks of docs/reference.md, "Injection sites"), pool_image_size (the pools' learned
+        grid is sized for this image side, 384 -> 12x12 / 6x6), latent_scale, sample_latent, sd_timesteps /
+        sd_timestep_mode ('uniform' (low, high) per example, or 'mean' over listed t's), head_init ('pytorch' as the
+        reference; 'upsample' starts the 1-channel 8x head as a nearest upsampler, for runs without SD weights),
+        compvis_unet (which UNet of a CompVis training checkpoint in config.init initialises ZNet and the frozen
+        extractor: 'model', the non-EMA weights of sd-v1-4-full-ema.ckpt as the reference, or 'model_ema'; a diffusers
+        folder holds one, see vpd_jax/weights/loaders.py)."""
         return ml_collections.ConfigDict(dict(
             arch="init", text_encoder="", tokenizer="", compvis_unet="model",
             inject=True, sites=(), pool_image_size=384,
-            latent_scale=LATENT_SCALE, sample_latent=True,  # spec 0, 7.12
-            sd_timesteps=(300, 500), sd_timestep_mode="uniform",  # spec 2.2, 7.4
-            head_init="pytorch",  # spec 1.2; 'upsample' for runs from scratch (vpd_jax/models/ldznet.py UpsampleHead)
+            latent_scale=LATENT_SCALE, sample_latent=True,  # the reference: posterior sample x 0.18215
+            sd_timesteps=(300, 500), sd_timestep_mode="uniform",  # the reference: t in 300..499 per example
+            head_init="pytorch",  # the reference; 'upsample' for runs from scratch (models/ldznet.py UpsampleHead)
         ))
 
     @staticmethod
@@ -81,8 +83,8 @@ class LDZNetTask(PhraseTask):
 
     def loss(self, output: jax.Array, batch: Batch) -> jax.Array:
         if output.shape != batch["mask"].shape:
-            raise ValueError(f"logits {output.shape} and mask {batch['mask'].shape} differ (spec 7.1: the loss is at "
-                             "the full image resolution)")
+            raise ValueError(f"logits {output.shape} and mask {batch['mask'].shape} differ (the loss is at the full "
+                             "image resolution)")
         return optax.sigmoid_binary_cross_entropy(output, batch["mask"].astype(output.dtype)).mean()
 
     def eval_statistics(self, variables: dict, batch: Batch, constants: dict) -> Any:
@@ -96,9 +98,9 @@ class LDZNetTask(PhraseTask):
 
     def pretrained_params(self, unet: dict, vae: dict, text_encoder: dict | None
                           ) -> tuple[dict, Callable[[tuple[str, ...]], bool]]:
-        """For vpd_jax.run.start.load_pretrained: the parameter subtrees SD weights give (spec 1.2: ZNet = the SD UNet with
-        conv_out sliced to channel 0; the frozen extractor = the same UNet), and which parameters keep their
-        initialisation (the head and the injection modules)."""
+        """For vpd_jax.run.start.load_pretrained: the parameter subtrees SD weights give (ZNet = the SD UNet with
+        conv_out sliced to channel 0; the frozen extractor = the same UNet; docs/reference.md, "ZNet initialisation"),
+        and which parameters keep their initialisation (the head and the injection modules)."""
         m = self.config.model
         return (params_from_sd(self.arch.unet, unet, vae, text_encoder, inject=m.inject, sites=tuple(m.sites)),
                 is_new_parameter)

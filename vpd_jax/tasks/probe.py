@@ -1,7 +1,7 @@
 """The feature-probe task ('probe'): which SD UNet blocks and timesteps carry text-aligned semantics.
 
 The model (vpd_jax/models/probe.py) trains one small decoder per (tap, timestep) on the frozen UNet's features of
-noised latents; evaluation gives every probe's PhraseCut metrics (spec/ldznet.md 4.1), which
+noised latents; evaluation gives every probe's PhraseCut metrics (docs/reference.md, "PhraseCut metrics"), which
 vpd_jax/apps/probe.py turns into a table and a heatmap. Batches come from the 'phrasecut' pipeline.
 Loss: the mean over probes of each probe's BCE-with-logits at full resolution. The decoders share no parameters,
 so each gets the gradient of its own BCE (divided by the probe count, to which Adam is invariant): they train

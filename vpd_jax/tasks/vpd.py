@@ -1,6 +1,7 @@
-"""The three VPD tasks: semantic segmentation, monocular depth, referring segmentation (spec/vpd.md 2-4).
+"""The three VPD tasks: semantic segmentation, monocular depth, referring segmentation (the originals' recipes and
+test protocols: docs/reference.md, "VPD").
 
-Text inputs (spec/vpd.md 1.5):
+Text inputs (docs/reference.md, "Text adapter", "Class embeddings"):
   seg     `config.model.class_embeddings`: a .npy / VPD .pth file of (num_classes, D) pooled CLIP features,
           or 'random' (fixed Gaussian vectors: for scratch runs of the tiny architecture, which has no CLIP);
   depth   the same for the 27 NYU scenes (class ids come from the pipeline's scene_class);

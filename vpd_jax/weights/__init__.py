@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion / CLIP checkpoints into the Flax models (CONVENTIONS.md 4).
+"""Loading Stable Diffusion / CLIP checkpoints into the Flax models (formats: docs/architecture.md, "Weight formats").
 
     from vpd_jax.weights import load_unet, load_vae, load_text_encoder, load_tokenizer
     unet, unet_params = load_unet("path/to/stable-diffusion-v1-5")          # pipeline root, model folder or file

@@ -113,7 +113,7 @@ def _normalize(state: StateDict, kind: _Kind) -> tuple[StateDict, dict[str, str]
 _UNET = _Kind("unet", is_ldm=ldm.is_ldm_unet, from_ldm=_unet_from_ldm)
 _VAE = _Kind(
     "vae",
-    # Only the encoder is built (spec/vpd.md 1.1: the decoder is deleted and unused).
+    # Only the encoder is built (VPD deletes the decoder, LD-ZNet never runs it; docs/reference.md, "VPD backbone").
     ignore=(r"decoder\.", r"post_quant_conv\."),
     normalize_key=_rename_legacy_vae_attention,
     is_ldm=ldm.is_ldm_vae,

@@ -1,8 +1,8 @@
 """ADE20K-150 (SceneParsing, `ADEChallengeData2016`) as a TFDS builder.
 
 TFDS' own `scene_parse150` ships the instance-challenge annotation, not the 150-class semantic maps VPD is
-trained and scored on (CONVENTIONS 6), hence this builder. Labels are stored raw (0 = other, 1..150);
-reduce_zero_label happens in the augmentation (spec/vpd.md 2.2).
+trained and scored on (docs/datasets.md), hence this builder. Labels are stored raw (0 = other, 1..150);
+reduce_zero_label happens in the augmentation (docs/reference.md, "Segmentation training data").
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""NYUv2 depth in the BTS / GLPDepth layout (the split VPD trains and tests on, spec/vpd.md 3.3).
+"""NYUv2 depth in the BTS / GLPDepth layout (the split VPD trains and tests on;
+docs/reference.md, "Depth training data").
 
 Layout of the manual directory:
   sync/<scene>/rgb_XXXXX.jpg, sync/<scene>/sync_depth_XXXXX.png               training (24,231 listed pairs)

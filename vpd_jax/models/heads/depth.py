@@ -1,4 +1,5 @@
-"""VPD depth head: the encoder's feature fusion, the GLPDepth deconv decoder and the depth output (spec/vpd.md 3.1).
+"""VPD depth head: the encoder's feature fusion, the GLPDepth deconv decoder and the depth output (docs/reference.md,
+"Depth model").
 
 Input: the four UNet features finest first [o0 (s/8), o1 (s/16), o2 (s/32), o3 (s/64)] (no attention channels);
 output depth (B, H, W, 1) = sigmoid(z) * max_depth at the input resolution (s/32 * 32).
@@ -109,7 +110,7 @@ class DepthHead(nn.Module):
     def __call__(self, features: Sequence[jax.Array], train: bool,
                  fusion_size: Sequence[int] | None = None) -> jax.Array:
         x = DepthFusion(self.fusion_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(features)
-        if fusion_size is not None:  # spec 3.1: drop the s/32 rows/columns that only saw the zero padding
+        if fusion_size is not None:  # as the reference: drop the s/32 rows/columns that only saw the zero padding
             if fusion_size[0] > x.shape[1] or fusion_size[1] > x.shape[2]:
                 raise ValueError(f"fusion_size {tuple(fusion_size)} exceeds the fusion map {x.shape[1:3]}")
             x = x[:, :fusion_size[0], :fusion_size[1], :]

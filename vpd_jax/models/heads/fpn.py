@@ -1,4 +1,4 @@
-"""Semantic FPN for VPD segmentation: mmseg's FPN neck + FPNHead (spec/vpd.md 2.1).
+"""Semantic FPN for VPD segmentation: mmseg's FPN neck + FPNHead (docs/reference.md, "Segmentation model and loss").
 
 Input: the backbone features finest first, e.g. [320@s/8, (640+N)@s/16, (1280+N)@s/32, 1280@s/64] (channel
 counts are read from the inputs). Output: class logits at the finest feature's resolution (s/8); the loss and

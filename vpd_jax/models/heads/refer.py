@@ -1,4 +1,4 @@
-"""LAVT's SimpleDecoding, VPD's referring-segmentation head (spec/vpd.md 4.1).
+"""LAVT's SimpleDecoding, VPD's referring-segmentation head (docs/reference.md, "Referring model").
 
 Input: the features finest first [x_c1 320@s/8, x_c2 (640+L)@s/16, x_c3 (1280+L)@s/32, x_c4 1280@s/64]
 (channel counts read from the inputs). From the coarsest up, three stages of
