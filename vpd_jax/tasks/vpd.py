@@ -236,24 +236,17 @@ class DepthTask(_VPDTask):
 
     def predict(self, variables, constants, image, *, scene: int, **inputs):
         """{'depth': (H, W) metres}; `scene` is the NYU scene class id. The image is resized to the training crop
-        height (width in proportion, a multiple of 32) and padded on the right to a multiple of PREDICT_WIDTH_BUCKET
-        (as the model pads to 64), so a folder of photos compiles a few times; the padding's columns are cropped
-        off the prediction."""
+        height, its width in proportion rounded to a multiple of 32 (the model pads it to 64 itself): photos of one
+        aspect ratio share one compiled program. (Padding widths further would change the prediction: the UNet
+        attends across the whole image.)"""
         import tensorflow as tf
 
         height = int(transform_config(self.config.data).crop_size[0])
         width = max(32, int(round(image.shape[1] * height / image.shape[0] / 32)) * 32)
         resized = tf.image.resize(tf.constant(image, tf.float32), (height, width), method="bilinear")
-        x = (resized.numpy() / 127.5 - 1.0).astype(np.float32)[None]
-        x = np.pad(x, ((0, 0), (0, 0), (0, -width % PREDICT_WIDTH_BUCKET), (0, 0)))  # zeros: as the model pads
-        pred = self._forward(variables, jnp.asarray(x), jnp.asarray([scene], jnp.int32),
-                             constants["class_embeddings"])[:, :, :width]
+        x = jnp.asarray(resized.numpy() / 127.5 - 1.0, jnp.float32)[None]
+        pred = self._forward(variables, x, jnp.asarray([scene], jnp.int32), constants["class_embeddings"])
         return {"depth": np.asarray(resize.bilinear(pred[..., None], image.shape[:2])[0, ..., 0])}
-
-
-# Depth predictions pad the resized width to a multiple of this many pixels: the padding changes the prediction
-# near the right edge a little (the UNet attends across the image), against one compilation per width.
-PREDICT_WIDTH_BUCKET = 128
 
 
 class ReferTask(_VPDTask):
