@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 # The whole suite, as CI runs it.
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) tests
 
 # Everything but the tests marked slow.
 test-fast: $(STAMP)

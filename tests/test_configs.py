@@ -1,8 +1,8 @@
 """Every config file in configs/ with each of its arguments: builds, holds only fields of base_config, sets the
-reference hyper-parameters (spec/vpd.md Appendix B), and its model, loss, optimizer and sharded train state are
-consistent (eval_shape: no compute). The paper configs read their architecture from `config.init` (arch 'init');
-here they get the SD v1.5 preset, which has the same shapes, and 'random' class embeddings / the 'hash' tokenizer
-in place of files."""
+reference hyper-parameters (docs/reference.md: each VPD task's training data, optimiser and test protocol sections;
+"AdamW and parameter groups"), and its model, loss, optimizer and sharded train state are consistent (eval_shape: no
+compute). The paper configs read their architecture from `config.init` (arch 'init'); here they get the SD v1.5
+preset, which has the same shapes, and 'random' class embeddings / the 'hash' tokenizer in place of files."""
 from __future__ import annotations
 
 import glob
@@ -111,7 +111,9 @@ def test_config_builds_with_only_base_fields(file, arg):
         assert config.model.arch == "tiny" and config.data.name.startswith("vpd_shapes")  # no files needed
 
 
-# spec/vpd.md Appendix B, 2.3, 3.5, 4.3: global batch, lr, wd, schedule, training length, token length.
+# global batch, lr, wd, schedule, training length, token length: docs/reference.md, "Segmentation training data",
+# "Segmentation optimiser", "Segmentation test protocol", "Depth training data", "Depth optimiser",
+# "Depth test protocol", "Referring model", "Referring data", "Referring loss and optimiser".
 REFERENCE = {
     ("vpd_seg_ade20k.py", ""): dict(
         batch_size=16, total_steps=80_000, lr=8e-5, weight_decay=1e-3, param_groups="vpd_seg",
@@ -183,7 +185,7 @@ def check_model_and_state(file: str, arg: str, mesh) -> dict:
     arch = resolve_architecture(config)
     unet = trainer.abstract_state["params"]["unet"]
     assert unet["conv_in"]["kernel"].shape[-1] == arch.unet.block_out_channels[0]
-    assert "conv_out" not in unet and "conv_norm_out" not in unet  # never applied (spec 1.2 item 5)
+    assert "conv_out" not in unet and "conv_norm_out" not in unet  # never applied (docs/reference.md, "VPD backbone")
     assert "vae" in trainer.abstract_state["frozen"] and "vae" not in trainer.abstract_state["params"]
     assert ("text_encoder" in trainer.abstract_state["frozen"]) == (config.task == "refer")
     return trainer.abstract_state

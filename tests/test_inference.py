@@ -22,7 +22,7 @@ C = 4  # classes of the fake segmentation models
 # ----------------------------------------------------------------------------------- reference transcriptions
 
 def reference_windows(h, w, crop, stride):
-    """mmseg slide_inference's loop (spec 2.4), verbatim in structure."""
+    """mmseg slide_inference's loop (docs/reference.md, "Segmentation test protocol"), verbatim in structure."""
     (ch, cw), (sh, sw) = crop, stride
     h_grids = max(h - ch + sh - 1, 0) // sh + 1
     w_grids = max(w - cw + sw - 1, 0) // sw + 1
@@ -411,7 +411,8 @@ def test_segment_padded_probs_equals_segment_probs_per_image(ratios, flip):
 # ------------------------------------------------------------------------------------------------- depth
 
 def reference_depth_test(model, img, class_ids, shift_size, flip, min_depth=1e-3, max_depth=10.0):
-    """VPD depth/test.py (spec 3.6), per image (the reference asserts batch 1), numpy, trailing depth channel."""
+    """VPD depth/test.py (docs/reference.md, "Depth test protocol"), per image (the reference asserts batch 1), numpy,
+    trailing depth channel."""
     outs = []
     for b in range(img.shape[0]):
         x, cid = img[b:b + 1], class_ids[b:b + 1]

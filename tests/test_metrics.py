@@ -177,7 +177,8 @@ def test_referring_random_and_jit_padding():
 
 
 class _ClipSegReference:
-    """CLIPSeg's FixedIntervalMetrics.add/value, re-written from the spec with torch (sorted-prediction scan)."""
+    """CLIPSeg's FixedIntervalMetrics.add/value, re-written from docs/reference.md, "PhraseCut metrics", with torch
+    (sorted-prediction scan)."""
 
     def __init__(self):
         self.thresholds = np.linspace(0, 1, 51)[1:-1]

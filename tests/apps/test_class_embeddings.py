@@ -1,16 +1,13 @@
 """Class-embedding recipes, the compute tool (against transformers' CLIPTextModel) and the .npy/.pth loader."""
 import json
-import pathlib
 
 import numpy as np
 import pytest
 import torch
 
+from tests.helpers.shared_data import shared_vpd_data
 from vpd_jax.apps import class_embeddings as ce
 from vpd_jax.weights.class_embeddings import load_class_embeddings
-
-SHARED = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "vpd"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present")
 
 
 def test_recipe_facts():
@@ -25,21 +22,21 @@ def test_recipe_facts():
     assert len(prompts) == 80 and prompts[0] == "a bad photo of a living room." and prompts[-1] == "a tattoo of the living room."
 
 
-@needs_shared
 def test_nyu_scene_order_is_the_released_list():
-    assert list(ce.RECIPES["nyu"].class_names) == json.loads((SHARED / "nyu_class_list.json").read_text())
+    shared = shared_vpd_data()
+    assert list(ce.RECIPES["nyu"].class_names) == json.loads((shared / "nyu_class_list.json").read_text())
 
 
-@needs_shared
 @pytest.mark.parametrize("name,shape,row0", [
     ("ade20k_class_embeddings.pth", (150, 768), [0.4394, -0.9911, 0.5392, 1.2122]),
     ("nyu_class_embeddings.pth", (27, 768), [-0.4888, -0.2763, -0.5693, 0.3377]),
 ])
 def test_loads_released_pth_like_torch(name, shape, row0):
-    got = load_class_embeddings(SHARED / name)
+    path = shared_vpd_data() / name
+    got = load_class_embeddings(path)
     assert got.shape == shape and got.dtype == np.float32
     np.testing.assert_allclose(got[0, :4], row0, atol=5e-5)
-    np.testing.assert_array_equal(got, torch.load(SHARED / name, weights_only=True).numpy())
+    np.testing.assert_array_equal(got, torch.load(path, weights_only=True).numpy())
 
 
 def test_loads_npy_and_rejects_bad_inputs(tmp_path):
@@ -69,7 +66,6 @@ def _reference_embeddings(model, tokenizer_folder, recipe):
 
 @pytest.fixture(scope="module")
 def tiny_clip_folder(tmp_path_factory):
-    pytest.importorskip("vpd_jax.weights")
     from tests.reference_models import save_tiny_clip, write_tiny_tokenizer
 
     folder = str(tmp_path_factory.mktemp("clip"))

@@ -1,6 +1,6 @@
-"""Zero-shot noise-difference maps (vpd_jax/apps/zeroshot.py, spec/ldznet.md 5): parity with a straightforward
-diffusers / transformers computation on a tiny saved SD pipeline, the map's range, identical prompts, sizes,
-and the PhraseCut scoring."""
+"""Zero-shot noise-difference maps (vpd_jax/apps/zeroshot.py; docs/reference.md, "Zero-shot noise-difference maps";
+docs/fidelity.md): parity with a straightforward diffusers / transformers computation on a tiny saved SD pipeline,
+the map's range, identical prompts, sizes, and the PhraseCut scoring."""
 from __future__ import annotations
 
 import os
@@ -52,8 +52,9 @@ def mapper(pipeline):
 
 def torch_reference(root: str, image: np.ndarray, phrase: str, null: str, timesteps, noise: np.ndarray,
                     out_size) -> tuple[np.ndarray, np.ndarray]:
-    """spec 5 written out with the reference libraries: (latent map (h, w), map (H, W)). `image` is uint8 at the
-    working size, `noise` (K, 1, h, w, 4) NHWC."""
+    """The noise-difference map (docs/reference.md, "Zero-shot noise-difference maps"; our recipe: docs/fidelity.md)
+    written out with the reference libraries: (latent map (h, w), map (H, W)). `image` is uint8 at the working size,
+    `noise` (K, 1, h, w, 4) NHWC."""
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -150,7 +151,8 @@ def test_core_function_normalises_each_draw_and_averages():
 
 def test_working_size_rules():
     config = zeroshot.ZeroShotConfig(image_size=512)
-    assert zeroshot.working_size(512, 768, config, 64) == (384, 576)  # spec 6.2's rule at 512 (384 gives 256x448)
+    # the rule of docs/reference.md, "LD-ZNet inference script", at 512 (384 gives 256x448)
+    assert zeroshot.working_size(512, 768, config, 64) == (384, 576)
     assert zeroshot.working_size(768, 512, zeroshot.ZeroShotConfig(image_size=384), 64) == (448, 256)
     assert zeroshot.working_size(10, 4000, config, 64) == (64, 10240)  # area kept; never below one multiple
     assert zeroshot.working_size(75, 130, zeroshot.ZeroShotConfig(image_size=100, keep_aspect=False), 64) == (64, 64)

@@ -1,6 +1,5 @@
 """TFDS builders over tiny fixture trees in the real layouts: contents, dtypes, shapes, bad inputs."""
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -9,12 +8,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from tests.data import fixtures
+from tests.helpers.shared_data import shared_vpd_data
 from vpd_jax.data.builders import Ade20k, BadInputError, NyuDepthV2Bts, Phrasecut
 from vpd_jax.data.builders.nyu_depth_v2_bts import read_split_list
 from vpd_jax.data.builders.phrasecut import REFERENCE_EXCLUDED_IMAGE_IDS, polygon_mask
 from vpd_jax.data.class_names import NYU_SCENE_CLASSES, nyu_scene_class_id
-
-SHARED_VPD = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "vpd")
 
 
 def build(cls, tmp_path, manual_dir, **kwargs):
@@ -109,8 +107,9 @@ def test_nyu_bts_builds_with_depth_in_mm_and_vpd_scene_classes(tmp_path):
     manual = tmp_path / "manual"
     written = fixtures.write_nyu_bts(str(manual))
     builder = build(NyuDepthV2Bts, tmp_path, manual)
+    # study_room -> study, office_kitchen -> kitchen (docs/reference.md, "Depth scene classes")
     expected_class = {"kitchen_0028b": 6, "study_room_0005b": 3, "office_kitchen_0001a": 6, "bathroom": 1,
-                      "living_room": 2}  # study_room -> study, office_kitchen -> kitchen (spec 3.2)
+                      "living_room": 2}
     for split in ("train", "test"):
         examples = read_all(builder, split)
         assert len(examples) == len(written[split])
@@ -183,22 +182,23 @@ def test_scene_class_rule_is_first_substring_in_reference_order():
         nyu_scene_class_id("garage_0001_rgb_00001.jpg")
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_VPD), reason="../shared/data/vpd is not available")
 def test_real_vpd_lists_and_class_order():
     import json
 
-    with open(os.path.join(SHARED_VPD, "nyu_class_list.json")) as f:
+    shared = shared_vpd_data()
+    with open(shared / "nyu_class_list.json") as f:
         assert tuple(json.load(f)) == NYU_SCENE_CLASSES
     counts = {}
     for name, expected in (("nyu_train_list.txt", 24231), ("nyu_test_list.txt", 654)):
-        pairs = list(read_split_list(os.path.join(SHARED_VPD, name)))
+        pairs = list(read_split_list(str(shared / name)))
         assert len(pairs) == expected
         for _, rgb, depth in pairs:
             scene, file = rgb.split("/")
             assert depth == f"{scene}/sync_depth_{file[4:-4]}.png"
             class_id = nyu_scene_class_id(f"{scene}_{file}")
             counts[class_id] = counts.get(class_id, 0) + 1
-    assert 5 not in counts and 19 not in counts  # study_room and office_kitchen are never chosen (spec 3.2)
+    # study_room and office_kitchen are never chosen (docs/reference.md, "Depth scene classes")
+    assert 5 not in counts and 19 not in counts
 
 
 # --------------------------------------------------------------------------------------------------

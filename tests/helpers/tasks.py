@@ -1,8 +1,12 @@
-"""The VPD tasks of the smoke configs (tiny architecture, vpd_shapes sizes) with host-random variables."""
+"""The VPD tasks of the smoke configs (tiny architecture, vpd_shapes sizes) with host-random variables, and their
+models' inference forward compiled once per session."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import flax.linen as nn
+import jax
 import ml_collections
 
 from tests.helpers.variables import random_variables
@@ -31,3 +35,17 @@ def smoke_task(task: str, seed: int = 0, **overrides: Any) -> tuple[Task, dict]:
     built = make_task(smoke_config(task, **overrides), presets.architecture("tiny"))
     example = built.example_batch(1)
     return built, random_variables(built.model, *built.model_args(example, built.constants), train=False, seed=seed)
+
+
+@functools.lru_cache(maxsize=None)
+def model_forward(model: nn.Module, intermediates: bool = False):
+    """`model`'s inference forward, (variables, *model args) -> output, or -> (output, the sown feature pyramid)
+    with `intermediates`; jitted once per session for equal models, so the test modules that run a smoke model at
+    the same shapes share its compilation."""
+    def forward(variables, *args):
+        if not intermediates:
+            return model.apply(variables, *args, train=False)
+        output, state = model.apply(variables, *args, train=False, mutable=["intermediates"])
+        return output, state["intermediates"]["features"][0]
+
+    return jax.jit(forward)

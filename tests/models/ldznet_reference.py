@@ -1,5 +1,6 @@
-"""LD-ZNet test support: PyTorch modules written from spec/ldznet.md 2.4-2.5, weight porting, tiny configs and a
-host-side random initialisation (compiling Flax's initialisers for a whole model costs a minute on a CPU)."""
+"""LD-ZNet test support: PyTorch modules written from docs/reference.md ("Attention pools", "attn3"), weight
+porting, tiny configs and a host-side random initialisation (compiling Flax's initialisers for a whole model costs a
+minute on a CPU)."""
 from __future__ import annotations
 
 import math
@@ -48,11 +49,12 @@ def host_init(shapes, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(shapes))
 
 
-# ------------------------------------------------------------------------------ PyTorch modules from the spec
+# --------------------------------------------------------------------- PyTorch modules from docs/reference.md
 
 
 class QKVAttention(tnn.Module):
-    """spec 2.4: chunk q|k|v, then heads; q and k each scaled by ch^-1/4; softmax in float32."""
+    """Chunk q|k|v, then heads; q and k each scaled by ch^-1/4; softmax in float32
+    (docs/reference.md, "Attention pools")."""
 
     def __init__(self, n_heads: int):
         super().__init__()
@@ -71,8 +73,8 @@ class QKVAttention(tnn.Module):
 
 
 class TorchAttentionPool2d(tnn.Module):
-    """spec 2.4: mean token + learned (C, 1 + S^2) pos-emb (bicubic-resized for other sizes), qkv Conv1d, c_proj
-    Conv1d; all tokens kept, returned as (B, tokens, C)."""
+    """Mean token + learned (C, 1 + S^2) pos-emb (bicubic-resized for other sizes), qkv Conv1d, c_proj Conv1d; all
+    tokens kept, returned as (B, tokens, C) (docs/reference.md, "Attention pools")."""
 
     def __init__(self, spacial_dim: int, embed_dim: int, num_heads_channels: int):
         super().__init__()
@@ -128,8 +130,8 @@ class GEGLU(tnn.Module):
 
 
 class LDBasicTransformerBlock(tnn.Module):
-    """spec 2.5: attn1 (self), attn2 (text), attn3(norm_sd(x), pooled SD tokens), GEGLU feed-forward; all pre-LN
-    and residual."""
+    """attn1 (self), attn2 (text), attn3(norm_sd(x), pooled SD tokens), GEGLU feed-forward; all pre-LN and residual
+    (docs/reference.md, "attn3")."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, sd_dim: int):
         super().__init__()
@@ -149,7 +151,7 @@ class LDBasicTransformerBlock(tnn.Module):
 
 class LDSpatialTransformer(tnn.Module):
     """The outer Transformer2D (GroupNorm eps 1e-6, 1x1 conv projections, residual) around one LD block, with the
-    block's attention pool over the SD feature (spec 2.4-2.5)."""
+    block's attention pool over the SD feature (docs/reference.md, "Attention pools", "attn3")."""
 
     def __init__(self, dim: int, heads: int, context_dim: int, groups: int, spacial_dim: int):
         super().__init__()

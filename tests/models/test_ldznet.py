@@ -1,5 +1,6 @@
-"""ZNet / LD-ZNet (spec/ldznet.md 1-2): sizes, taps, the pool and attn3 against PyTorch modules written from the
-spec, SD initialisation, and the data flow (t = 0, latent scale, injection pairing, frozen branch)."""
+"""ZNet / LD-ZNet (docs/reference.md, "LD-ZNet at a glance" to "attn3"): sizes, taps, the pool and attn3 against
+PyTorch modules written from docs/reference.md, SD initialisation, and the data flow (t = 0, latent scale, injection
+pairing, frozen branch)."""
 import dataclasses
 import functools
 import math
@@ -41,13 +42,13 @@ def _abstract_params(model: LDZNet, size: int, batch: int = 1, tokens: int = 8) 
 
 
 def test_sd1_injection_sites_are_the_five_1280_channel_blocks():
-    """spec 2.3 / 7.6: 1-based SA 6-10, not down_blocks.2.attentions.0 nor up_blocks.0."""
+    """1-based SA 6-10, not down_blocks.2.attentions.0 nor up_blocks.0 (docs/reference.md, "Injection sites")."""
     assert injection_sites(architecture("sd15").unet) == SD1_SITES
 
 
 def test_sd1_parameter_counts_match_the_reference():
-    """spec 0, 2.5, 8: LD-ZNet (everything but the frozen extractor, VAE and CLIP) 925,882,936; ZNet 859,512,376 =
-    SD UNet 859,520,964 - 8,643 (conv_out 4 -> 1 channel) + 55 (head)."""
+    """LD-ZNet (everything but the frozen extractor, VAE and CLIP) 925,882,936; ZNet 859,512,376 = SD UNet
+    859,520,964 - 8,643 (conv_out 4 -> 1 channel) + 55 (head) (docs/reference.md, "LD-ZNet at a glance", "attn3")."""
     arch = architecture("sd15")
     sd_unet = UNet2DConditionModel(arch.unet)
     sd_count = count_params(jax.eval_shape(sd_unet.init, jax.random.key(0), *sd_unet.dummy_inputs())["params"])
@@ -59,15 +60,16 @@ def test_sd1_parameter_counts_match_the_reference():
         assert ("sd_unet" in params) == inject
     assert counts[False] == 859_512_376 == sd_count - 8_643 + 55
     assert counts[True] == 925_882_936
-    assert counts[True] - counts[False] == 66_370_560  # 5 pools + 5 attn3/norm_sd (spec 2.5)
+    assert counts[True] - counts[False] == 66_370_560  # 5 pools + 5 attn3/norm_sd (docs/reference.md, "attn3")
     ldz = _abstract_params(LDZNet(arch.unet, arch.vae, arch.text), 64)
     pools = {p: v.shape for p, v in flatten_dict(ldz["znet"]).items() if p[-1] == "positional_embedding"}
-    assert sorted(pools.values()) == [(37, 1280)] + [(145, 1280)] * 4  # 6x6 and 12x12 grids at 384 (spec 2.4)
+    # 6x6 and 12x12 grids at 384 (docs/reference.md, "Attention pools")
+    assert sorted(pools.values()) == [(37, 1280)] + [(145, 1280)] * 4
 
 
 def _expected_additions(config, sites, pool_image_size: int) -> int:
-    """spec 2.4-2.5 per site: pool (qkv C->3C, c_proj C->C, pos-emb (1 + S^2) x C) + attn3 (3 C^2 + C^2 + C) +
-    norm_sd (2C); minus conv_out's dropped channels; plus the 55 head values."""
+    """Per site: pool (qkv C->3C, c_proj C->C, pos-emb (1 + S^2) x C) + attn3 (3 C^2 + C^2 + C) + norm_sd (2C)
+    (docs/reference.md, "Attention pools", "attn3"); minus conv_out's dropped channels; plus the 55 head values."""
     n = len(config.block_out_channels)
     latent = pool_image_size // 8
     total = 0
@@ -95,7 +97,8 @@ def test_parameter_additions_follow_the_reference_formula(arch_name):
 
 
 def test_tap_shapes_and_pool_tokens_at_384():
-    """spec 2.3-2.4: (B,12,12,1280) x 4 and (B,6,6,1280) from the frozen pass; 145 / 37 pooled tokens."""
+    """(B,12,12,1280) x 4 and (B,6,6,1280) from the frozen pass; 145 / 37 pooled tokens
+    (docs/reference.md, "Injection sites", "Attention pools")."""
     unet = UNet2DConditionModel(architecture("sd15").unet)
     latent = jax.ShapeDtypeStruct((2, 48, 48, 4), jnp.float32)
     params = jax.eval_shape(unet.init, jax.random.key(0), *unet.dummy_inputs())
@@ -118,8 +121,8 @@ def test_tap_shapes_and_pool_tokens_at_384():
 
 @pytest.mark.parametrize("side, hw", [(3, (3, 3)), (3, (4, 5)), (4, (2, 3))])
 def test_attention_pool_matches_the_reference_definition(side, hw):
-    """spec 2.4 / 7.8 / 7.18 / 7.20: mean token, pos-emb (bicubic a=-0.75 for other sizes), chunk q|k|v then heads,
-    all tokens kept."""
+    """Mean token, pos-emb (bicubic a=-0.75 for other sizes), chunk q|k|v then heads, all tokens kept
+    (docs/reference.md, "Attention pools", "Resizes")."""
     channels, heads = 32, 4
     torch_pool = randomize(TorchAttentionPool2d(side, channels, channels // heads))
     x = np.random.default_rng(0).standard_normal((2, channels, *hw)).astype(np.float32)
@@ -131,7 +134,8 @@ def test_attention_pool_matches_the_reference_definition(side, hw):
 
 
 def test_attn3_block_matches_the_reference_definition():
-    """spec 2.5 / 7.9: attn3 between the text cross-attention and the feed-forward, pre-LN norm_sd on the query."""
+    """attn3 between the text cross-attention and the feed-forward, pre-LN norm_sd on the query
+    (docs/reference.md, "attn3")."""
     dim, heads, ctx_dim = 32, 4, 12
     torch_block = randomize(LDBasicTransformerBlock(dim, heads, dim // heads, ctx_dim, dim))
     rng = np.random.default_rng(1)
@@ -151,7 +155,7 @@ def test_attn3_block_matches_the_reference_definition():
 
 def test_injected_transformer_matches_the_reference_definition():
     """The Transformer2D with its pool: the raw SD feature is pooled by this transformer's own pool and attended to
-    by its attn3 (spec 2.4-2.5, same-position pairing 7.7)."""
+    by its attn3 (docs/reference.md, "Attention pools", "attn3"; same-position pairing: "Injection sites")."""
     dim, heads, ctx_dim, side = 32, 4, 12, 3
     torch_st = randomize(LDSpatialTransformer(dim, heads, ctx_dim, 8, side))
     rng = np.random.default_rng(2)
@@ -170,8 +174,9 @@ def test_injected_transformer_matches_the_reference_definition():
 
 
 def test_new_layers_have_pytorch_default_init():
-    """spec 1.2: U(+-1/sqrt(fan_in)) for weights and biases (conv 1->1 3x3: 1/3; ConvT(1,1,k2): fan_in 4 -> 1/2;
-    Linear/Conv1d 1280: 0.02795), LayerNorm ones/zeros, pos-emb N(0, 1)/sqrt(1280)."""
+    """U(+-1/sqrt(fan_in)) for weights and biases (conv 1->1 3x3: 1/3; ConvT(1,1,k2): fan_in 4 -> 1/2;
+    Linear/Conv1d 1280: 0.02795), LayerNorm ones/zeros, pos-emb N(0, 1)/sqrt(1280) (docs/reference.md,
+    "ZNet initialisation")."""
     key = jax.random.key(0, impl="rbg")
     head = flatten_dict(nn.meta.unbox(UpsampleHead().init(key, jnp.zeros((1, 4, 4, 1))))["params"])
     for path, value in head.items():
@@ -192,12 +197,13 @@ def test_new_layers_have_pytorch_default_init():
     assert np.all(block[("norm_sd", "scale")] == 1) and np.all(block[("norm_sd", "bias")] == 0)
     for leaf in (("attn3", "to_q", "kernel"), ("attn3", "to_out_0", "kernel"), ("attn3", "to_out_0", "bias")):
         assert 0.95 / math.sqrt(1280) < np.abs(block[leaf]).max() <= 1 / math.sqrt(1280), leaf
-    assert ("attn3", "to_q", "bias") not in block  # no q/k/v bias (spec 2.5)
+    assert ("attn3", "to_q", "bias") not in block  # no q/k/v bias (docs/reference.md, "attn3")
 
 
 def test_params_from_sd_fill_the_model_except_the_new_layers():
-    """spec 1.2 / 7.3: ZNet = the SD UNet with conv_out sliced to channel 0; the frozen extractor = the part of the
-    same UNet its pass uses; only the head and the injection modules keep their initialisation."""
+    """ZNet = the SD UNet with conv_out sliced to channel 0; the frozen extractor = the part of the same UNet its
+    pass uses; only the head and the injection modules keep their initialisation (docs/reference.md,
+    "ZNet initialisation")."""
     model = LDZNet(TINY_UNET, TINY_VAE, TINY_TEXT, pool_image_size=32)
     abstract = _abstract_params(model, 32)
     sd_unet = UNet2DConditionModel(TINY_UNET)
@@ -221,7 +227,8 @@ def test_params_from_sd_fill_the_model_except_the_new_layers():
 
 
 def test_schedule_values_and_timestep_range():
-    """spec 0: abar_300 = 0.59050, abar_400 = 0.42448, abar_499 = 0.27767; spec 2.2: t in 300..499."""
+    """abar_300 = 0.59050, abar_400 = 0.42448, abar_499 = 0.27767 (docs/reference.md, "LD-ZNet at a glance");
+    t in 300..499 ("Frozen SD branch")."""
     abar = NoiseSchedule().alphas_cumprod()
     np.testing.assert_allclose(abar[[300, 400, 499]], [0.59050, 0.42448, 0.27767], atol=5e-6)
     ts = np.asarray(draw_timesteps(jax.random.split(jax.random.key(0), 4000), 300, 500))
@@ -291,8 +298,9 @@ def test_ldznet_with_injection_disabled_equals_znet_and_ignores_the_frozen_unet(
 
 
 def test_znet_data_flow_matches_the_spec(tiny):
-    """spec 1.1 / 7.2 / 7.4 / 7.12: z = 0.18215 x the VAE posterior sample drawn with the example's key, UNet at
-    t = 0 with the CLIP last_hidden_state, SiLU, then the 8x head; composed here from the parts."""
+    """z = 0.18215 x the VAE posterior sample drawn with the example's key, UNet at t = 0 with the CLIP
+    last_hidden_state, SiLU, then the 8x head; composed here from the parts (docs/reference.md,
+    "LD-ZNet at a glance", "ZNet", "LD-ZNet forward pass")."""
     _, params, (images, tokens, keys), forward = tiny
     p = _without_injection(params)
 
@@ -320,11 +328,13 @@ def test_randomness_comes_from_the_per_example_keys(tiny):
     swapped = forward[True](params, images[::-1], tokens[::-1], keys[::-1])[1]
     np.testing.assert_allclose(swapped[::-1], out, rtol=1e-5, atol=1e-6)  # independent of the batch position
     other = forward[True](params, images, tokens, jax.random.split(jax.random.key(8), 2))[1]
-    assert rel_err(other, out) > 1e-3  # VAE sample, SD t and noise are stochastic (spec 7.4, 7.12)
+    # VAE sample, SD t and noise are stochastic (docs/reference.md, "LD-ZNet at a glance", "Frozen SD branch")
+    assert rel_err(other, out) > 1e-3
 
 
 def test_other_input_sizes_resize_the_pool_grids(tiny):
-    """spec 6.2 / 7.18: a 48x40 input (latent 6x5) runs with the 4x4 / 2x2 learned grids bicubic-resized."""
+    """A 48x40 input (latent 6x5) runs with the 4x4 / 2x2 learned grids bicubic-resized (docs/reference.md,
+    "LD-ZNet inference script", "Attention pools")."""
     ldz, params, _, _ = tiny
     rng = np.random.default_rng(1)
     images = jnp.asarray(rng.uniform(-1, 1, (1, 48, 40, 3)), jnp.float32)

@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tests.helpers.kill_seed import describe, kill_seed
 from vpd_jax import parallel
 from vpd_jax.data.iterator import DataIterator
 from vpd_jax.run.checkpoint import CheckpointMismatchError, Checkpointer, abstract_like
@@ -268,8 +269,9 @@ def _check_resumed_run(reference: dict, log: Path, killed_at_or_before: int) -> 
 
 
 def test_sigkill_during_async_save_resumes_exactly(tmp_path, reference):
-    killed_step = random.Random(os.getpid()).choice(range(4, STEPS, 2))
-    print(f"killing during the save of step {killed_step}")  # shown on failure
+    seed = kill_seed()
+    killed_step = random.Random(seed).choice(range(4, STEPS, 2))
+    print(f"{describe(seed)}: killing during the save of step {killed_step}")  # shown on failure
     workdir, log = tmp_path / "ckpt", tmp_path / "log"
     proc = _worker(workdir, log, "--slow_finalize_step", str(killed_step))
     for line in proc.stdout:
@@ -289,7 +291,7 @@ def test_sigkill_during_async_save_resumes_exactly(tmp_path, reference):
 
 
 def test_sigkill_at_a_random_moment_resumes_exactly(tmp_path, reference):
-    seed = int(time.time())
+    seed = kill_seed()
     delay = random.Random(seed).uniform(0.0, 0.1 * STEPS)
     workdir, log = tmp_path / "ckpt", tmp_path / "log"
     proc = _worker(workdir, log, "--step_sleep", "0.1")
@@ -302,7 +304,7 @@ def test_sigkill_at_a_random_moment_resumes_exactly(tmp_path, reference):
     done = [r["step"] for r in _records(log) if "step" in r]
     killed_after = max(done, default=0)
 
-    print(f"seed {seed}: killed {delay:.2f} s after start, after step {killed_after}")  # shown on failure
+    print(f"{describe(seed)}: killed {delay:.2f} s after start, after step {killed_after}")  # shown on failure
 
     proc = _worker(workdir, log)
     _finish(proc, log)

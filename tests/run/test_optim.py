@@ -46,7 +46,8 @@ def unet_params():
 
 
 # Our path -> (shape, the reference's name without its task prefix). Names chosen to test the rules: the VAE's
-# `norm_out` contains "norm", CLIP's `layer_norm1` too, the head's BN and biases do not (spec vpd.md 2.3).
+# `norm_out` contains "norm", CLIP's `layer_norm1` too, the head's BN and biases do not (docs/reference.md,
+# "Segmentation optimiser").
 DUMMY = {
     "vae/encoder/conv_in/kernel": ((3, 3, 3, 8), "encoder_vq.encoder.conv_in.weight"),
     "vae/encoder/conv_norm_out/scale": ((8,), "encoder_vq.encoder.norm_out.weight"),
@@ -144,13 +145,14 @@ def vpd_tree(unet_params, task):
 def _no_grad(name: str) -> bool:
     """Params the reference never updates: the VAE and CLIP (requires_grad False) and the UNet's `out` head, which
     VPD's forward never applies (no gradient, so torch AdamW skips it, decay included; depth deletes it).
-    Spec vpd.md 1.2 item 5, 2.3, 4.3, 6.16."""
+    docs/reference.md, "VPD backbone", "Segmentation optimiser", "Referring loss and optimiser",
+    "AdamW and parameter groups"."""
     return ("encoder_vq" in name or "text_encoder" in name
             or re.search(r"diffusion_model\.out\.[02]\.", name) is not None)
 
 
 def reference_seg(name: str, ndim: int):
-    """mmcv 1.6 DefaultOptimizerConstructor with VPD's custom_keys (spec vpd.md 2.3)."""
+    """mmcv 1.6 DefaultOptimizerConstructor with VPD's custom_keys (docs/reference.md, "Segmentation optimiser")."""
     if _no_grad(name):
         return "frozen"
     custom = {"unet": dict(lr_mult=0.1), "encoder_vq": dict(lr_mult=0.0), "text_encoder": dict(lr_mult=0.0),
@@ -162,7 +164,7 @@ def reference_seg(name: str, ndim: int):
 
 
 def reference_depth(name: str, ndim: int):
-    """VPD depth's LDMOptimizerConstructor (spec vpd.md 3.5)."""
+    """VPD depth's LDMOptimizerConstructor (docs/reference.md, "Depth optimiser")."""
     if _no_grad(name):
         return "frozen"
     lr = 0.01 if "unet" in name else 1.0
@@ -171,7 +173,8 @@ def reference_depth(name: str, ndim: int):
 
 
 def reference_refer(name: str, ndim: int):
-    """VPD refer's ordered groups; their lr_scale is ignored by torch (spec vpd.md 4.3)."""
+    """VPD refer's ordered groups; their lr_scale is ignored by torch
+    (docs/reference.md, "Referring loss and optimiser")."""
     if _no_grad(name):
         return "frozen"
     if "unet" in name and "norm" in name:
@@ -202,7 +205,8 @@ def test_presets_match_the_reference_rules_on_ldm_names(unet_params, task):
 
 
 def test_seg_groups_by_parameter(unet_params):
-    """Spot checks of spec vpd.md 2.3 on our names, including each category the reference rule distinguishes."""
+    """Spot checks of docs/reference.md, "Segmentation optimiser", on our names, including each category the
+    reference rule distinguishes."""
     tree, _ = vpd_tree(unet_params, "vpd_seg")
     groups = {k: ours(g) for k, g in assign_groups(tree, PARAM_GROUPS["vpd_seg"]).items()}
     expected = {
@@ -307,7 +311,7 @@ def test_default_configs():
 # ----------------------------------------------------------------------------------------------- AdamW vs torch
 
 def mmcv_poly_warmup(it, total, base, power=1.0, min_lr=0.0, warmup=0, ratio=1e-6):
-    """mmcv PolyLrUpdaterHook + linear warmup, transcribed (spec vpd.md 2.3)."""
+    """mmcv PolyLrUpdaterHook + linear warmup, transcribed (docs/reference.md, "Segmentation optimiser")."""
     regular = (base - min_lr) * (1 - it / total) ** power + min_lr
     if warmup and it < warmup:
         return regular * (1 - (1 - it / warmup) * (1 - ratio))
@@ -375,7 +379,7 @@ def test_seg_schedule_is_mmcv_poly_with_linear_warmup():
 
 
 def depth_reference(s, iters_per_epoch, epochs, max_lr=5e-4, min_lr=3e-5):
-    """Spec vpd.md 3.5, transcribed; s is the reference's global step (from 1)."""
+    """docs/reference.md, "Depth optimiser", transcribed; s is the reference's global step (from 1)."""
     half = iters_per_epoch * (epochs // 2)
     if s < half:
         return (max_lr - min_lr) * (s / half) ** 0.9 + min_lr

@@ -1,6 +1,7 @@
-"""The 'ldznet' task and configs/ldznet_phrasecut.py: config values (spec 3.2), the frozen SD branch (no gradient,
-no optimizer state), SD initialisation through the trainer's hook, deterministic evaluation keys, and a short
-training on vpd_shapes phrases that beats the untrained model."""
+"""The 'ldznet' task and configs/ldznet_phrasecut.py: config values
+(docs/reference.md, "LD-ZNet optimiser and learning rate"), the frozen SD branch (no gradient, no optimizer state), SD
+initialisation through the trainer's hook, deterministic evaluation keys, and a short training on vpd_shapes phrases
+that beats the untrained model."""
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,9 @@ def abstract_variables(task, batch_size: int = 2) -> dict:
 
 
 def test_reference_config():
-    """spec 3.2 / 7.13-14: lr = 5e-7 x global batch (following --config.batch_size), AdamW wd 0.01 (0.9, 0.999,
-    1e-8), EMA 0.9999 without warm-up, SD v1 timesteps 300..499, 384 px, 0.18215, sampled latent."""
+    """lr = 5e-7 x global batch (following --config.batch_size), AdamW wd 0.01 (0.9, 0.999, 1e-8), EMA 0.9999
+    without warm-up, SD v1 timesteps 300..499, 384 px, 0.18215, sampled latent (docs/reference.md,
+    "LD-ZNet at a glance", "LD-ZNet optimiser and learning rate", "LD-ZNet EMA"; docs/fidelity.md)."""
     config = get_config()
     assert config.task == "ldznet" and config.data.task == "phrasecut" and config.data.name == "phrasecut"
     assert config.batch_size == 32 and config.optim.lr == pytest.approx(32 * 5e-7)
@@ -86,7 +88,8 @@ def test_inject_false_gives_znet_and_the_task_is_registered():
 
 
 def test_frozen_branch_has_no_optimizer_state():
-    """spec 3.1: VAE, CLIP and the SD feature UNet are frozen: not in the trainable tree, no Adam moments, no EMA."""
+    """VAE, CLIP and the SD feature UNet are frozen: not in the trainable tree, no Adam moments, no EMA
+    (docs/reference.md, "LD-ZNet optimiser and learning rate")."""
     task = registry.make_task(get_config("smoke"), architecture("tiny"))
     params = abstract_variables(task)["params"]
     tx, info = optim.make_optimizer(task.config.optim, params, 10)
@@ -115,8 +118,8 @@ def tiny_task():
 
 
 def test_frozen_sd_branch_gets_no_gradient(tiny_task):
-    """stop_gradient on the taps (spec 2.2): the loss gradient is exactly zero for the SD UNet, VAE and CLIP, and
-    non-zero for ZNet, its attention pools and attn3, and the head."""
+    """stop_gradient on the taps (docs/reference.md, "Frozen SD branch"): the loss gradient is exactly zero for the
+    SD UNet, VAE and CLIP, and non-zero for ZNet, its attention pools and attn3, and the head."""
     task, params, batch = tiny_task
 
     @jax.jit

@@ -1,4 +1,5 @@
-"""VPD depth head (fusion + deconv decoder + sigmoid*max_depth) against a PyTorch module from spec/vpd.md 3.1."""
+"""VPD depth head (fusion + deconv decoder + sigmoid*max_depth) against a PyTorch module from docs/reference.md,
+"Depth model"."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -114,7 +115,8 @@ def test_init_follows_reference():
     assert "bias" not in p["decoder"]["deconv_layers_0"] and abs(deconv.std() / 0.001 - 1) < 0.1
     assert abs(np.asarray(p["last_layer_depth_0"]["kernel"]).std() / 0.001 - 1) < 0.1
     np.testing.assert_array_equal(p["decoder"]["conv_layers_1"]["scale"], np.ones(12, np.float32))
-    np.testing.assert_allclose(depth, 5.0, atol=0.05)  # sigmoid(~0) * 10: starts at 5 m everywhere (spec 3.1)
+    # sigmoid(~0) * 10: starts at 5 m everywhere (docs/reference.md, "Depth model")
+    np.testing.assert_allclose(depth, 5.0, atol=0.05)
 
 
 def test_parameter_count_at_sd15_sizes():

@@ -1,4 +1,5 @@
-"""Semantic FPN (mmseg FPN + FPNHead) against a PyTorch module written from the spec (vpd.md 2.1)."""
+"""Semantic FPN (mmseg FPN + FPNHead) against a PyTorch module written from
+docs/reference.md, "Segmentation model and loss"."""
 import math
 
 import flax.linen as nn

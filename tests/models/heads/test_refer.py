@@ -1,4 +1,4 @@
-"""SimpleDecoding against a PyTorch module written from spec/vpd.md 4.1 (LAVT)."""
+"""SimpleDecoding against a PyTorch module written from docs/reference.md, "Referring model" (LAVT)."""
 import math
 
 import flax.linen as nn
