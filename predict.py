@@ -41,6 +41,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
+    if launch.printed_config(f.config if f.config is not None else "(--zeroshot: no run config)"):
+        return
     if f.zeroshot and (f.config is not None or f.workdir):
         raise app.UsageError("--zeroshot uses --sd, not a trained run's --config / --workdir")
     if f.zeroshot and not (f.sd and f.text):

@@ -135,9 +135,13 @@ def eval_flags(overrides: dict[str, str]) -> list[str]:
 def main(argv):
     from absl import app, flags
 
+    from vpd_jax.run import launch
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
+    if launch.printed_config(f.config):
+        return
     imported = import_released(f.config, f.checkpoint, f.workdir, use_ema=f.use_ema)
     logging.info("not loaded (%d keys): %s", len(imported.dropped), sorted(set(imported.dropped.values())))
     print(f"wrote {imported.workdir}; evaluate it with eval.py, the same --config and overrides, and\n  "
@@ -149,12 +153,14 @@ def cli() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
+    from vpd_jax.run import launch
+
     config_flags.DEFINE_config_file("config", None, "The task's config file (configs/*.py[:arg]).", lock_config=True)
     flags.DEFINE_string("checkpoint", None, "The released checkpoint file.")
     flags.DEFINE_string("workdir", None, "The run directory to write (must not hold checkpoints yet).")
     flags.DEFINE_bool("use_ema", True, "ldznet: import the EMA weights (the original predicts with them).")
     flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=launch.parse_flags)
 
 
 if __name__ == "__main__":

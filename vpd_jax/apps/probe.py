@@ -99,6 +99,8 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if launch.printed_config(flags.FLAGS.config):
+        return
     launch.initialize_distributed()
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if config.task != "probe":
