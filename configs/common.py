@@ -30,6 +30,7 @@ def cpu_run(c, *, batch_size: int, eval_batch_size: int, total_steps: int, log_e
     c.log_every = log_every
     c.ckpt_every = ckpt_every
     c.eval_max_batches = eval_max_batches
+    c.eval_panels = 0  # no pictures: one program less to compile for a run of a few minutes
 
 
 def shapes_seg(c) -> None:

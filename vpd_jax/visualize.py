@@ -1,7 +1,8 @@
 """Pictures of inputs, labels and predictions: palettes, overlays, depth colour maps with a colour bar,
-attention heatmaps per token, legends and side-by-side panels (uint8 RGB numpy arrays, written with Pillow).
+attention heatmaps per token, legends and side-by-side panels (uint8 RGB numpy arrays, written with Pillow); the
+pictures of each kind of task output (masks, probabilities, depth) and the evaluation panels built from them.
 
-Used by the demo, predict.py and evaluation; nothing here depends on JAX.
+Used by the demo, predict.py and evaluation (the TensorBoard panels); nothing here depends on JAX.
 """
 from __future__ import annotations
 
@@ -168,6 +169,77 @@ def grid(rows: Sequence[Sequence[np.ndarray]], gap: int = 6) -> np.ndarray:
     widths = [max(row[c].shape[1] for row in rows if c < len(row)) for c in range(columns)]
     return stack([side_by_side([np.pad(cell, ((0, 0), (0, widths[c] - cell.shape[1]), (0, 0)), constant_values=255)
                                 for c, cell in enumerate(row)], gap) for row in rows], gap)
+
+
+# ------------------------------------------------------------------------------- pictures of task outputs
+# What predict.py writes and the evaluation panels show, by the kind of output (Task.predict's names).
+
+MASK_PALETTE = np.array([[0, 0, 0], [255, 40, 40]], np.uint8)  # background, the referred object
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, caption: str | None = None) -> np.ndarray:
+    """A {0, 1} mask in red over the image, under the caption (the phrase, in quotes) when given."""
+    picture = overlay(image, colorize(mask, MASK_PALETTE), 0.45)
+    return titled(picture, f'"{caption}"') if caption else picture
+
+
+def probability_overlay(image: np.ndarray, probs: np.ndarray, caption: str | None = None) -> np.ndarray:
+    """Foreground probabilities (viridis, 0 to 1) over the image with a colour bar, under the caption when given."""
+    picture = with_colorbar(overlay(image, colormap(probs, 0.0, 1.0), 0.6), 0.0, 1.0)
+    return titled(picture, f'"{caption}"') if caption else picture
+
+
+def depth_picture(depth: np.ndarray, depth_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Depth in colour with its colour bar in metres, over `depth_range` (default: the depth's own range)."""
+    low, high = depth_range or (float(np.min(depth)), float(np.max(depth)))
+    return with_colorbar(colormap(depth, low, high), low, high if high > low else low + 1, "m")
+
+
+PANEL_KINDS = ("labels", "depth", "mask", "probability")
+
+
+def eval_panel(image: np.ndarray, kind: str, truth: np.ndarray, prediction: np.ndarray, *,
+               names: Sequence[str] = (), caption: str | None = None) -> np.ndarray:
+    """One evaluation example as a row of titled cells, input | ground truth | prediction, all of the image's size:
+      labels       class colour maps (ignored truth pixels black; `names` gives the classes) and a legend of the
+                   classes in either
+      depth        metres in colour over one range, that of the valid truth and the prediction together, with
+                   its colour bar beside the prediction; truth without a measurement (<= 0) black
+      mask         {0, 1} masks in red over the image
+      probability  the truth mask over the image; the predicted probabilities over the image with a colour bar
+    The input's title is the caption (the phrase, in quotes) when given, else "input"."""
+    if np.shape(truth)[:2] != image.shape[:2] or np.shape(prediction)[:2] != image.shape[:2]:
+        raise ValueError(f"eval_panel: truth {np.shape(truth)} and prediction {np.shape(prediction)} must have the "
+                         f"image's size {image.shape[:2]}")
+    if kind == "labels":
+        palette = class_palette(len(names))
+        shown = np.unique(np.concatenate([np.ravel(truth), np.ravel(prediction)]))
+        present = [int(c) for c in shown if 0 <= c < len(names)]
+        pictures = [colorize(truth, palette), colorize(prediction, palette)]
+        extra = [legend([names[c] for c in present], palette[present])]
+    elif kind == "depth":
+        truth = np.where(np.asarray(truth) > 0, truth, np.nan)
+        values = np.concatenate([np.ravel(truth), np.ravel(prediction)]).astype(np.float64)
+        values = values[np.isfinite(values)]
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+        pictures, extra = [colormap(truth, low, high), depth_picture(prediction, (low, high))], []
+    elif kind == "mask":
+        pictures, extra = [mask_overlay(image, truth), mask_overlay(image, prediction)], []
+    elif kind == "probability":
+        pictures, extra = [mask_overlay(image, truth), probability_overlay(image, prediction)], []
+    else:
+        raise ValueError(f"panel kind {kind!r}; one of {PANEL_KINDS}")
+    cells = [titled(image, f'"{caption}"' if caption else "input"), titled(pictures[0], "ground truth"),
+             titled(pictures[1], "prediction")]
+    return side_by_side(cells + extra)
+
+
+def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, ...) -> (*size, ...) by nearest neighbour (pixel centres), for label maps."""
+    array = np.asarray(array)
+    rows = ((np.arange(size[0]) + 0.5) * array.shape[0] / size[0]).astype(int)
+    cols = ((np.arange(size[1]) + 0.5) * array.shape[1] / size[1]).astype(int)
+    return array[rows][:, cols]
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:

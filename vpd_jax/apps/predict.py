@@ -167,19 +167,12 @@ def seg_pictures(image: np.ndarray, labels: np.ndarray, maps: np.ndarray | None,
     return pictures
 
 
-def depth_pictures(depth: np.ndarray, depth_range: tuple[float, float] | None = None) -> np.ndarray:
-    """Depth in colour with its colour bar in metres, over `depth_range` (default: the prediction's own range)."""
-    low, high = depth_range or (float(np.min(depth)), float(np.max(depth)))
-    return visualize.with_colorbar(visualize.colormap(depth, low, high), low, high if high > low else low + 1, "m")
-
-
 def probability_pictures(image: np.ndarray, probs: np.ndarray, threshold: float,
                          caption: str | None = None) -> dict[str, np.ndarray]:
     """A 0 / 255 mask of probs > threshold (the image's size), and the probabilities (viridis, 0 to 1) over the
     image with a colour bar, under the caption (the phrase) when given."""
-    prob = visualize.with_colorbar(visualize.overlay(image, visualize.colormap(probs, 0.0, 1.0), 0.6), 0.0, 1.0)
     return {"mask": np.where(probs > threshold, 255, 0).astype(np.uint8),
-            "prob": visualize.titled(prob, f'"{caption}"') if caption else prob}
+            "prob": visualize.probability_overlay(image, probs, caption)}
 
 
 LDZNET_THRESHOLD = 0.3
@@ -218,14 +211,12 @@ def write_outputs(stem: str, image: np.ndarray, outputs: dict[str, np.ndarray], 
             written.append(visualize.save_png(f"{stem}_{kind}.png", picture))
     if "depth" in outputs:
         written.append(visualize.save_depth_png(f"{stem}_depth.png", outputs["depth"]))
-        written.append(visualize.save_png(f"{stem}_depth_color.png", depth_pictures(outputs["depth"], depth_range)))
+        written.append(visualize.save_png(f"{stem}_depth_color.png",
+                                          visualize.depth_picture(outputs["depth"], depth_range)))
     if "mask" in outputs:
         mask = outputs["mask"]
         written.append(visualize.save_png(f"{stem}_mask.png", (mask * 255).astype(np.uint8)))
-        colours = visualize.colorize(mask, np.array([[0, 0, 0], [255, 40, 40]], np.uint8))
-        overlay = visualize.overlay(image, colours, 0.45)
-        written.append(visualize.save_png(f"{stem}_overlay.png", visualize.titled(overlay, f'"{text}"') if text
-                                          else overlay))
+        written.append(visualize.save_png(f"{stem}_overlay.png", visualize.mask_overlay(image, mask, text)))
     if "probability" in outputs:
         pictures = probability_pictures(image, outputs["probability"], threshold, caption=text)
         written += [visualize.save_png(f"{stem}_{kind}.png", picture) for kind, picture in pictures.items()]

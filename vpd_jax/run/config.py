@@ -38,6 +38,9 @@ their task and paper need. Field meanings:
   sharding_rules       logical axis -> mesh axes (vpd_jax.parallel)
   log_every, ckpt_every, keep_ckpts, async_ckpt, eval_every (0 = only at the end), eval_max_batches (0 = all)
   eval_at_start        also evaluate the state a run starts from at step 0 (eval_0.json: the untrained model)
+  eval_panels          a training run's evaluations also write pictures of the first N eval images to TensorBoard
+                       (eval_panels/<i>: input | ground truth | prediction, vpd_jax/run/evaluation.py EvalPanels):
+                       one more forward of N images per evaluation; 0 = none
   nonfinite            'stop': a non-finite step (NaN/inf loss, gradient norm, learning rate, or norm of the new
                        parameters, which also overflows when an update explodes) stops the run naming the step;
                        'skip': the step is skipped, counted and logged as a warning. Either way its update never
@@ -95,6 +98,7 @@ def base_config(task: str, data_name: str) -> ml_collections.ConfigDict:
     c.eval_every = 0
     c.eval_at_start = False
     c.eval_max_batches = 0
+    c.eval_panels = 4
     c.nonfinite = "stop"
     c.nonfinite_max_consecutive = 10
     c.nonfinite_check = "gradients"

@@ -1,4 +1,5 @@
-"""Run logs: metrics.jsonl and TensorBoard summaries (process 0), the console progress line, run metadata.
+"""Run logs: metrics.jsonl and TensorBoard summaries (scalars, evaluation panels; process 0), the console progress
+line, run metadata.
 
 A workdir holds, besides checkpoints/: config.json (the resolved config of the latest start) and versions.json
 (library versions and devices of that start). When a restart's differs, the previous one is kept as config.1.json,
@@ -16,6 +17,7 @@ from importlib import metadata
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 from absl import logging
 
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-cpu", "tensorflow", "tensorflow-datasets",
@@ -89,8 +91,8 @@ def write_keeping_previous(path: str, text: str) -> str | None:
 
 
 class MetricWriter:
-    """Appends {"step": s, ...} lines to <workdir>/metrics.jsonl and scalar summaries to TensorBoard, on
-    process 0; other processes write nothing."""
+    """Appends {"step": s, ...} lines to <workdir>/metrics.jsonl and scalar summaries to TensorBoard, and image
+    summaries (`write_images`) to TensorBoard only, on process 0; other processes write nothing."""
 
     def __init__(self, workdir: str):
         self.active = jax.process_index() == 0
@@ -113,6 +115,15 @@ class MetricWriter:
             for name, value in values.items():
                 if isinstance(value, (int, float)):
                     self._tf.summary.scalar(name, value, step=int(step))
+        self._summary.flush()
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        """One TensorBoard image summary per name: (H, W, 3) uint8 RGB pictures."""
+        if not self.active or not images:
+            return
+        with self._summary.as_default():
+            for name, image in images.items():
+                self._tf.summary.image(name, np.asarray(image, np.uint8)[None], step=int(step), max_outputs=1)
         self._summary.flush()
 
     def close(self) -> None:

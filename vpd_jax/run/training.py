@@ -12,7 +12,6 @@ Nothing is written to the workdir before every check has passed; a run refused a
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -114,7 +113,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None) 
     for key in ("total_steps", "log_every", "ckpt_every", "keep_ckpts", "nonfinite_max_consecutive"):
         if config[key] <= 0:
             raise ValueError(f"config.{key}={config[key]} must be positive")
-    for key in ("eval_every", "eval_max_batches", "steps_per_epoch"):
+    for key in ("eval_every", "eval_max_batches", "eval_panels", "steps_per_epoch"):
         if config[key] < 0:
             raise ValueError(f"config.{key}={config[key]} must be 0 or more")
     check_batch_sizes(config, jax.process_count())
@@ -131,8 +130,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None) 
 
 def check_batches_fit_mesh(config, trainer: Trainer) -> None:
     """The global batches split evenly over the devices of the mesh axes that shard the batch (data x fsdp)."""
-    axes = trainer.batch_sharding.spec[0]
-    devices = math.prod(trainer.mesh.shape[axis] for axis in axes)
+    axes, devices = trainer.batch_sharding.spec[0], evaluation.batch_devices(trainer)
     for key in ("batch_size", "eval_batch_size"):
         if config[key] % devices:
             raise ValueError(f"config.{key}={config[key]} does not split over the {devices} devices of the mesh "

@@ -118,6 +118,12 @@ class Task(abc.ABC):
     def eval_statistics(self, variables: dict, batch: Batch, constants: dict) -> Any:
         """Summable metric statistics of an eval batch (padding examples have batch['valid'] False)."""
 
+    def eval_predictions(self, variables: dict, batch: Batch, constants: dict) -> jax.Array | None:
+        """The per-example predictions that `eval_statistics` scores, through the task's test protocol (label maps
+        at the label's padded size, depth at the image's, masks), for pictures of the evaluation; None where the
+        task does not separate them (the pictures then show the plain forward)."""
+        return None
+
     @abc.abstractmethod
     def new_metric(self) -> "Accumulator":
         """A host accumulator with update(statistics) and result() -> dict."""

@@ -122,13 +122,16 @@ class SegTask(_VPDTask):
         return dict(scales=tuple(e.seg_ratios), flip=e.flip, img_scale=img_scale, crop=tuple(e.seg_crop),
                     stride=tuple(e.seg_stride), chunk_size=e.chunk_size or None)
 
-    def eval_statistics(self, variables, batch, constants):
+    def eval_predictions(self, variables, batch, constants):
         def predict(crops):
             return self.model.apply(variables, crops, constants["class_embeddings"], train=False)
 
         with self.compute.precision_scope():
-            preds = inference.segment_padded(predict, batch["image"], batch["image_hw"], batch["label_hw"],
-                                             batch["label"].shape[1:3], self.num_classes, **self._protocol())
+            return inference.segment_padded(predict, batch["image"], batch["image_hw"], batch["label_hw"],
+                                            batch["label"].shape[1:3], self.num_classes, **self._protocol())
+
+    def eval_statistics(self, variables, batch, constants):
+        preds = self.eval_predictions(variables, batch, constants)
         return metrics.segmentation_areas(preds, batch["label"], self.num_classes, example_mask=batch["valid"])
 
     def new_metric(self):
@@ -216,17 +219,21 @@ class DepthTask(_VPDTask):
     def loss(self, output, batch):
         return losses.silog_loss(output, batch["depth"])
 
-    def eval_statistics(self, variables, batch, constants):
+    def eval_predictions(self, variables, batch, constants):
         e, m = self.config.eval, self.config.model
 
         def predict(images, class_ids):
             return self.model.apply(variables, images, class_ids, constants["class_embeddings"], train=False)
 
         with self.compute.precision_scope():
-            preds = inference.depth_shift_window_flip(
+            return inference.depth_shift_window_flip(
                 predict, batch["image"], batch["scene_class"], window=e.depth_window or None,
                 shift_size=e.depth_shift_size, flip=e.flip, min_depth=e.min_depth, max_depth=m.max_depth,
                 chunk_size=e.chunk_size or None)
+
+    def eval_statistics(self, variables, batch, constants):
+        e, m = self.config.eval, self.config.model
+        preds = self.eval_predictions(variables, batch, constants)
         return metrics.depth_image_metrics(preds, batch["depth"], e.min_depth, m.max_depth,
                                            crop=e.depth_crop or None, example_mask=batch["valid"])
 
@@ -276,9 +283,13 @@ class ReferTask(_VPDTask):
     def loss(self, output, batch):
         return losses.referring_loss(output, batch["mask"])
 
-    def eval_statistics(self, variables, batch, constants):
+    def eval_predictions(self, variables, batch, constants):
         logits, _ = self.apply(variables, batch, constants, train=False)
-        return metrics.referring_counts(jnp.argmax(logits, -1), batch["mask"], example_mask=batch["valid"])
+        return jnp.argmax(logits, -1)
+
+    def eval_statistics(self, variables, batch, constants):
+        preds = self.eval_predictions(variables, batch, constants)
+        return metrics.referring_counts(preds, batch["mask"], example_mask=batch["valid"])
 
     def new_metric(self):
         metric = metrics.ReferringMetric()
