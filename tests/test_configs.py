@@ -186,7 +186,11 @@ def check_model_and_state(file: str, arg: str, mesh) -> dict:
     unet = trainer.abstract_state["params"]["unet"]
     assert unet["conv_in"]["kernel"].shape[-1] == arch.unet.block_out_channels[0]
     assert "conv_out" not in unet and "conv_norm_out" not in unet  # never applied (docs/reference.md, "VPD backbone")
-    assert "vae" in trainer.abstract_state["frozen"] and "vae" not in trainer.abstract_state["params"]
+    # The VAE is frozen, except where the config trains it on purpose (the demo's scratch segmentation).
+    trained_vae = config.model.train_vae
+    assert ("vae" in trainer.abstract_state["frozen"]) != trained_vae
+    assert ("vae" in trainer.abstract_state["params"]) == trained_vae
+    assert trained_vae == (file == "demo.py" and arg == "seg")
     assert ("text_encoder" in trainer.abstract_state["frozen"]) == (config.task == "refer")
     return trainer.abstract_state
 

@@ -172,3 +172,17 @@ def test_train_step_is_the_hand_written_adamw_step(seg_run):
         tight += int((g > 10 * error).sum())
     assert tight > 0.5 * sum(p.size for p in old.values())
     assert max(np.abs(np.asarray(ours[p], np.float64) - old[p]).max() for p in old) > 0.5 * LR  # the steps moved
+
+
+def test_parts_without_gradient_must_be_frozen():
+    """The VAE gets no gradient unless model.train_vae: a param_groups that leaves it trainable is refused by name
+    (AdamW would only decay it); with train_vae the same groups build."""
+    config = get_config("vpd_seg_ade20k.py", "smoke")
+    config.optim.param_groups = "all"
+    task = make_task(config, presets.architecture("tiny"))
+    mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"leaves \d+ parameter\(s\) of \['vae'\] trainable .*train_vae=True"):
+        build_trainer(config, task, mesh)
+    config.model.train_vae = True
+    trainer = build_trainer(config, make_task(config, presets.architecture("tiny")), mesh)
+    assert not any(group.frozen for group in trainer.info.groups.values())

@@ -110,6 +110,9 @@ class _VPDBase(nn.Module):
     use_attn: bool = True
     attn_max_queries: int | None = None
     stop_grad_attn: bool = True
+    # VPD's VAE encoder is frozen and sees no gradient (faithful: False). True lets the loss reach it: only for a
+    # scratch VAE that must learn (the demo); its parameters then need a trainable parameter group.
+    train_vae: bool = False
     gamma_init: float = 1e-4
     compute: Compute = Compute()
 
@@ -125,7 +128,7 @@ class _VPDBase(nn.Module):
         if height % 64 or width % 64:
             raise ValueError(f"VPD needs image sides divisible by 64, got {height}x{width}")
         posterior = AutoencoderKLEncoder(self.vae, name="vae", **self._kw())(images)
-        latents = jax.lax.stop_gradient(posterior.mean) * self.latent_scale
+        latents = (posterior.mean if self.train_vae else jax.lax.stop_gradient(posterior.mean)) * self.latent_scale
         spec = feature_spec(self.unet, (height, width), self.use_attn, self.attn_max_queries)
         unet = UNet2DConditionModel(self.unet, compute=self.compute, name="unet")
         out = unet(latents, jnp.full((images.shape[0],), self.timestep, jnp.int32), context,

@@ -14,6 +14,7 @@ their task and paper need. Field meanings:
     class_embeddings   VPD seg / depth: .npy or VPD .pth file, or 'random' (class_embeddings_seed)
     num_classes        VPD seg classes / depth scene classes
     timestep, latent_scale, use_attn, attn_max_queries (-1: (H/16)(W/16)), stop_grad_attn, gamma_init
+    train_vae          VPD: False (the VAE is frozen, no gradient); True only for a scratch VAE (configs/demo.py)
                        VPD: docs/reference.md, "VPD backbone", "VPD attention maps", "Text adapter"
   compute.*            how the model computes, not what (vpd_jax/models/compute.py):
     dtype, param_dtype 'float32' | 'bfloat16' (norms and softmax run in float32 either way)

@@ -168,6 +168,22 @@ def sharding_rules(config) -> tuple:
                  for name, axes in config.sharding_rules)
 
 
+def check_frozen_parts_are_frozen(config, task: Task, info: optim.OptimizerInfo) -> None:
+    """The parts the model never sends a gradient to (Task.frozen_subtrees; the VAE unless model.train_vae) must be
+    in a frozen parameter group: a trainable group would only decay them towards zero, step after step."""
+    never_trained = [s for s in task.frozen_subtrees if not (s == "vae" and config.model.get("train_vae", False))]
+    trainable = sorted(path for path, group in info.groups.items()
+                       if not group.frozen and path.split("/")[0] in never_trained)
+    if trainable:
+        raise ValueError(
+            f"config.optim.param_groups={config.optim.param_groups!r} leaves {len(trainable)} parameter(s) of "
+            f"{sorted({p.split('/')[0] for p in trainable})} trainable (e.g. {trainable[0]}), but the model sends "
+            f"them no gradient: AdamW would only decay them. Freeze them (a rule "
+            f"dict(pattern='^({'|'.join(never_trained)})/', frozen=True))"
+            + (" or set config.model.train_vae=True to train the VAE." if "vae" in never_trained
+               and "train_vae" in config.model else "."))
+
+
 def build_trainer(config, task: Task, mesh) -> Trainer:
     """The Trainer of `config` on `mesh`; the task's example batch gives the model's input shapes."""
     check_nonfinite_guard(config)
@@ -178,6 +194,7 @@ def build_trainer(config, task: Task, mesh) -> Trainer:
         boxed = jax.eval_shape(lambda rng: task.init_variables(rng, example, task.constants), jax.random.key(0))
     tx, info = optim.make_optimizer(config.optim, boxed["params"], total_updates,
                                     steps_per_epoch=config.steps_per_epoch or None)
+    check_frozen_parts_are_frozen(config, task, info)
     # The variables are arguments, not closed over: an optimizer init that copies arrays (the EMA) needs tracers.
     boxed_state = jax.eval_shape(lambda params, stats: initial_state(tx, info, params, stats), boxed["params"],
                                  boxed.get("batch_stats", {}))

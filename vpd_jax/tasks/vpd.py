@@ -36,7 +36,7 @@ def vpd_model_config(task: str) -> ml_collections.ConfigDict:
         arch="init", text_encoder="", tokenizer="", class_embeddings="", class_embeddings_seed=0,
         num_classes={"seg": 150, "depth": 27, "refer": 2}[task],
         timestep=1, latent_scale=1.0, use_attn=task != "depth", attn_max_queries=-1, stop_grad_attn=True,
-        gamma_init=1e-4,
+        train_vae=False, gamma_init=1e-4,
         # seg head / loss
         fpn_channels=256, dropout_ratio=0.1, avg_non_ignore=False,
         # depth head
@@ -78,7 +78,8 @@ class _VPDTask(Task):
         m, arch = self.config.model, self.arch
         return dict(unet=arch.unet, vae=arch.vae, timestep=m.timestep, latent_scale=m.latent_scale,
                     use_attn=m.use_attn, attn_max_queries=m.attn_max_queries if m.attn_max_queries > 0 else None,
-                    stop_grad_attn=m.stop_grad_attn, gamma_init=m.gamma_init, compute=self.compute)
+                    stop_grad_attn=m.stop_grad_attn, train_vae=m.train_vae, gamma_init=m.gamma_init,
+                    compute=self.compute)
 
     def _class_embeddings(self) -> np.ndarray:
         m = self.config.model
