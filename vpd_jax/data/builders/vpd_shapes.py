@@ -35,6 +35,9 @@ class VpdShapes(tfds.core.GeneratorBasedBuilder):
         VpdShapesConfig(name="default", description="96x128 images, 320 train / 64 validation."),
         VpdShapesConfig(name="small", description="64x64 images, 48 train / 16 validation (tests, smoke runs).",
                         shapes=shapes.ShapesConfig(height=64, width=64), num_train=48, num_validation=16),
+        VpdShapesConfig(name="demo", description="128x128 images, 640 train / 64 validation (the demo's "
+                        "segmentation).", shapes=shapes.ShapesConfig(height=128, width=128), num_train=640,
+                        num_validation=64),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:
