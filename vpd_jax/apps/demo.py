@@ -75,8 +75,13 @@ def split_arrays(config, split: str, feature: str) -> np.ndarray:
 def seg_baseline(config) -> dict:
     """Scores (mIoU, per-class IoU, ...) of predicting every validation image as the per-pixel majority label of the
     training images: what a model learns from the layout alone (wall above, floor below)."""
-    def reduced(raw):  # reduce_zero_label, as the pipeline: 0 ('other') -> ignore, k -> k - 1
-        return np.where(raw == 0, 255, raw.astype(np.int64) - 1)
+    from vpd_jax.data import transforms
+    from vpd_jax.data.config import transform_config
+
+    aug = transform_config(config.data)
+
+    def reduced(raw):  # the training labels as the pipeline makes them (reduce_zero_label: 0 -> ignore, k -> k - 1)
+        return transforms.reduce_zero_label(raw).numpy() if aug.reduce_zero_label else raw.astype(np.int32)
 
     num_classes = config.model.num_classes
     train = reduced(split_arrays(config, config.data.split, "label"))
