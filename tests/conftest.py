@@ -1,14 +1,14 @@
 """Test-session setup: 8 fake CPU devices (mesh tests), fast XLA compiles, TF kept quiet, one compilation cache for
-the subprocesses the tests start.
+the session and the subprocesses its tests start.
 
 The suite's cost is dominated by XLA:CPU compile time, not by running the tiny models. Backend optimisation
 level 0 without the fusion emitters compiles 2-3x faster and changes no result beyond float rounding (the
 parity tests run under the same flags). Subprocesses started by tests inherit these variables.
 
-Subprocesses (train.py, predict.py, the demo, the benchmark) also inherit JAX_COMPILATION_CACHE_DIR: a persistent
-compilation cache in a fresh directory per test session (unless the variable is already set), so a program that
-two subprocess tests compile, e.g. a smoke config's train step, is compiled once. It is set after JAX is imported
-here, so this process keeps compiling without it. The directory is removed at the end of the session.
+One persistent compilation cache, in a fresh directory per test session (unless JAX_COMPILATION_CACHE_DIR is already
+set), serves this process and the subprocesses the tests start (train.py, predict.py, the demo, the benchmark), so a
+program that two tests compile, e.g. a smoke config's train step, is compiled once. The directory is removed at the
+end of the session.
 """
 import os
 import shutil
@@ -24,12 +24,15 @@ import jax  # noqa: E402
 # Must happen before the backend initialises; tests that need a mesh use jax.devices()[:8].
 jax.config.update("jax_num_cpu_devices", 8)
 
-_SUBPROCESS_CACHE = None
+_SESSION_CACHE = None
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    _SUBPROCESS_CACHE = tempfile.mkdtemp(prefix="vpd_jax_tests_xla_cache_")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SUBPROCESS_CACHE
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="vpd_jax_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+# This process uses it too: tests that build equal programs under different jit wrappers (a trainer per test)
+# then compile each once.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _SUBPROCESS_CACHE:
-        shutil.rmtree(_SUBPROCESS_CACHE, ignore_errors=True)
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

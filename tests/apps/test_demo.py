@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from vpd_jax import metrics, visualize
-from vpd_jax.apps import predict
 from vpd_jax.data import shapes
 from vpd_jax.data.builders.vpd_shapes import VpdShapes
 
@@ -117,31 +116,3 @@ def test_predict_writes_outputs_of_the_original_size(demo_dir, tmp_path, task):
         assert depth.shape == size and depth.dtype == np.uint16
         assert 0 < depth.min() and depth.max() <= 10_000  # millimetres, sigmoid * 10 m
         assert np.asarray(Image.open(out / "odd_depth_color.png")).shape[0] == size[0]
-
-
-def test_predict_refer_on_an_odd_size(tmp_path):
-    """Refer has no demo run: train its smoke config for one step, then predict a mask for a sentence."""
-    run = tmp_path / "refer"
-    common = [f"--config={REPO}/configs/vpd_refer.py:smoke", f"--config.data.data_dir={tmp_path / 'tfds'}"]
-    done = subprocess.run([sys.executable, "train.py", *common, f"--workdir={run}", "--config.total_steps=1",
-                           "--config.ckpt_every=1", "--config.eval_max_batches=1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr[-4000:]
-    image_path, size = _odd_image(tmp_path)
-    predictor = predict.Predictor(_refer_smoke_config(tmp_path / 'tfds'), str(run))
-    written = predict.predict_files(predictor, [image_path], str(tmp_path / "out"), text="the red cube")
-    mask = np.asarray(Image.open(tmp_path / "out" / "odd_mask.png"))
-    assert mask.shape == size and set(np.unique(mask)) <= {0, 255}
-    assert len(written) == 2
-    with pytest.raises(ValueError, match="--text"):
-        predict.predict_files(predictor, [image_path], str(tmp_path / "out"))
-
-
-def _refer_smoke_config(data_dir):
-    """What predict.py builds from `--config=configs/vpd_refer.py:smoke --config.data.data_dir=...`."""
-    from tests.test_configs import get_config
-
-    config = get_config("vpd_refer.py", "smoke")
-    config.data.data_dir = str(data_dir)
-    config.lock()
-    return config

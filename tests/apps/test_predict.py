@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from flax.traverse_util import flatten_dict
@@ -96,3 +97,37 @@ def test_depth_in_metres_and_millimetres_is_the_models_own(tmp_path):
     assert millimetres.dtype == np.uint16
     np.testing.assert_array_equal(millimetres, np.round(big_depth.astype(np.float64) * 1000))
     np.testing.assert_allclose(millimetres, upsampled * 1000, atol=0.6)  # rounding, and the 1e-5 above
+
+
+def test_refer_mask_of_an_odd_sized_image_is_the_models_own(tmp_path):
+    """A 75x130 image: the mask has the image's size, is 0 / 255, and is the forward's argmax on the pipeline's
+    64x64 version of the image, resized back to 75x130 with F.interpolate's nearest."""
+    import tensorflow as tf
+
+    from vpd_jax.data import transforms
+    from vpd_jax.data.config import transform_config
+
+    task, variables = saved_run("refer", tmp_path, seed=12)  # a seed whose map has both classes
+    predictor = Predictor(task.config, str(tmp_path))
+    assert_same_variables(predictor, variables)
+    image = scene_image(75, 130, seed=7)
+    Image.fromarray(image).save(tmp_path / "odd.png")
+    written = predict_files(predictor, [str(tmp_path / "odd.png")], str(tmp_path / "out"), text="the red cube")
+    assert sorted(written) == [str(tmp_path / "out" / f"odd_{name}.png") for name in ("mask", "overlay")]
+    mask = np.asarray(Image.open(tmp_path / "out" / "odd_mask.png"))
+    assert mask.shape == (75, 130) and set(np.unique(mask)) <= {0, 255}
+
+    sample = transforms.refer(tf.constant(image), tf.zeros((75, 130), tf.int32), transform_config(task.config.data))
+    x = sample["image"].numpy()[None]
+    assert x.shape == (1, 64, 64, 3)
+    tokens = task.tokenizer(["the red cube"], task.config.data.text_max_length)
+    logits = np.asarray(model_forward(task.model)(variables, jnp.asarray(x), jnp.asarray(tokens))[0])
+    decided = np.abs(logits[..., 1] - logits[..., 0]) > 1e-5 * np.abs(logits).max()  # not a float32 tie
+    assert decided.mean() > 0.99 and 0 < logits.argmax(-1).mean() < 1  # both classes occur
+    labels = np.where(decided, logits.argmax(-1), -1)
+    expected = F.interpolate(torch.from_numpy(labels.astype(np.float32))[None, None], size=(75, 130),
+                             mode="nearest")[0, 0].numpy()
+    np.testing.assert_array_equal(mask[expected >= 0], expected[expected >= 0] * 255)
+
+    with pytest.raises(ValueError, match="--text"):
+        predict_files(predictor, [str(tmp_path / "odd.png")], str(tmp_path / "out"))
