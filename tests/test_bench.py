@@ -253,3 +253,61 @@ def test_report_names_each_parts_commit_and_a_different_machine():
     compiled_header = text[text.index("## 2-3."):text.index("## 4.")]
     assert "from commit def5678 + uncommitted changes; load" in compiled_header
     assert f"from commit abc1234 **on another machine: {elsewhere}**" in text[text.index("## 4."):]
+
+
+HLO_SNIPPET = """HloModule step
+
+%fused_conv (p0: f32[1,8,8,4], p1: f32[3,3,4,4]) -> f32[1,8,8,4] {
+  %p0 = f32[1,8,8,4]{3,2,1,0} parameter(0)
+  %p1 = f32[3,3,4,4]{3,2,1,0} parameter(1)
+  ROOT %c = f32[1,8,8,4]{3,2,1,0} convolution(%p0, %p1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+}
+
+%fused_dot (p0: f32[64,4], p1: f32[4,8]) -> f32[64,8] {
+  %p0 = f32[64,4]{1,0} parameter(0)
+  %p1 = f32[4,8]{1,0} parameter(1)
+  ROOT %d = f32[64,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_t (p0: f32[4,8]) -> f32[8,4] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  ROOT %t = f32[8,4]{1,0} transpose(%p0), dimensions={1,0}
+}
+
+ENTRY %main (a: f32[1,8,8,4], k: f32[3,3,4,4], x: f32[64,4], w: f32[4,8]) -> f32[1,8,8,4] {
+  %a = f32[1,8,8,4]{3,2,1,0} parameter(0)
+  %k = f32[3,3,4,4]{3,2,1,0} parameter(1)
+  %x = f32[64,4]{1,0} parameter(2)
+  %w = f32[4,8]{1,0} parameter(3)
+  %ynn_fusion.1 = f32[1,8,8,4]{3,2,1,0} fusion(%a, %k), kind=kCustom, calls=%fused_conv
+  %ynn_fusion.2 = f32[64,8]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot
+  %transpose_fusion = f32[8,4]{1,0} fusion(%w), kind=kLoop, calls=%fused_t
+  %gradient = f32[3,3,4,4]{3,2,1,0} convolution(%a, %a), window={size=8x8 pad=1_1x1_1}, dim_labels=f01b_i01o->01bf
+  ROOT %n = f32[1,8,8,4]{3,2,1,0} negate(%ynn_fusion.1)
+}
+"""
+
+
+def test_op_profile_names_each_operation_by_its_heaviest_work():
+    from bench.op_profile import operation_kinds
+
+    kinds = operation_kinds(HLO_SNIPPET)
+    assert kinds["ynn_fusion.1"] == ("conv 3x3", "f32[1,8,8,4]{3,2,1,0}")
+    assert kinds["ynn_fusion.2"] == ("dot", "f32[64,8]{1,0}")
+    assert kinds["transpose_fusion"][0] == "transpose/copy"
+    assert kinds["gradient"][0] == "conv 8x8"  # a window as large as the activation: a weight gradient
+    assert kinds["n"][0] == "negate"
+
+
+@pytest.mark.slow
+def test_op_profile_of_the_tiny_train_step():
+    """One profiled train step of the tiny UNet at 64 px: its time is attributed to the operations of the compiled
+    step, among them dots, 3x3 convolutions and the 8x8-window weight gradients of the 8x8 latent's convolutions."""
+    from bench.op_profile import profile_train_step
+
+    result = profile_train_step("tiny", 64, 0)
+    kinds = result["kinds"]
+    assert {"dot", "conv 3x3", "conv 8x8"} <= set(kinds) and all(s >= 0 for s in kinds.values())
+    assert sum(kinds.values()) > 0
+    assert sum(s for s, *_ in result["operations"]) == pytest.approx(sum(kinds.values()))
+    assert all(kind in kinds for _, kind, _, _ in result["operations"])
