@@ -54,6 +54,12 @@ def bench_params(model: UNet2DConditionModel, device: jax.Device) -> dict:
     return unflatten_dict(flat)
 
 
+def bench_adamw() -> optax.GradientTransformation:
+    """The optimizer of bench's train cases (bench/cases.py ADAMW), as optax builds it."""
+    a = cases_lib.ADAMW
+    return optax.adamw(a["lr"], b1=a["b1"], b2=a["b2"], eps=a["eps"], weight_decay=a["weight_decay"])
+
+
 def memory_analysis(compiled) -> dict:
     stats = compiled.memory_analysis()
     return {} if stats is None else {f: int(getattr(stats, f)) for f in MEMORY_FIELDS if hasattr(stats, f)}
@@ -114,8 +120,7 @@ def run(spec: dict) -> dict:
                   threads=len(machine.available_cpus()),  # XLA:CPU sizes its thread pool from the affinity mask
                   parameters=sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)),
                   rss_after_setup_bytes=machine.rss_bytes(), cases=[])
-    a = cases_lib.ADAMW
-    tx = optax.adamw(a["lr"], b1=a["b1"], b2=a["b2"], eps=a["eps"], weight_decay=a["weight_decay"])
+    tx = bench_adamw()
     state: dict = {"params": params}
     for case in cases_lib.ordered([cases_lib.Case(**c) for c in spec["cases"]]):
         try:

@@ -15,11 +15,10 @@ import json
 
 import jax
 import numpy as np
-import optax
 
 from bench import cases as cases_lib
 from bench import machine, timing
-from bench.backbone_jax import Backbone, _compile, bench_params
+from bench.backbone_jax import Backbone, _compile, bench_adamw, bench_params
 from vpd_jax.models.unet import UNet2DConditionModel
 from vpd_jax.models.unet_config import UNetConfig
 from vpd_jax.models.vpd import feature_spec
@@ -35,8 +34,7 @@ def measure(image: int, batch: int, reps: int) -> dict:
     backbone = Backbone(config, spec.taps, spec.attn_layers, "float32")
     case = cases_lib.Case(image=image, batch=batch, mode="forward", dtype="float32", reps=reps)
     latent, context = (jax.device_put(a, device) for a in cases_lib.inputs(case, config.cross_attention_dim))
-    a = cases_lib.ADAMW
-    tx = optax.adamw(a["lr"], b1=a["b1"], b2=a["b2"], eps=a["eps"], weight_decay=a["weight_decay"])
+    tx = bench_adamw()
     result = dict(image=image, batch=batch, threads=len(machine.available_cpus()), machine=machine.describe(),
                   load_average=machine.load_average(), rows={})
     features = {}

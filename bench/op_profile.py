@@ -19,11 +19,10 @@ import re
 import tempfile
 
 import jax
-import optax
 
 from bench import cases as cases_lib
 from bench import plan as plan_lib
-from bench.backbone_jax import Backbone, bench_params
+from bench.backbone_jax import Backbone, bench_adamw, bench_params
 from vpd_jax.models.unet import UNet2DConditionModel
 from vpd_jax.models.unet_config import UNetConfig
 
@@ -103,8 +102,7 @@ def profile_train_step(arch: str = "sd15", image: int = 512, query_chunk: int = 
     case = cases_lib.Case(image, 1, "train", "float32", 1, query_chunk=query_chunk)
     backbone = Backbone(config, readout["taps"], readout["attn_layers"], "float32", query_chunk)
     latent, context = (jax.device_put(a, device) for a in cases_lib.inputs(case, config.cross_attention_dim))
-    a = cases_lib.ADAMW
-    tx = optax.adamw(a["lr"], b1=a["b1"], b2=a["b2"], eps=a["eps"], weight_decay=a["weight_decay"])
+    tx = bench_adamw()
     opt_state = jax.jit(tx.init)(params)
     step = backbone.train_step(tx).lower(params, opt_state, latent, context).compile()
     params, opt_state, _ = jax.block_until_ready(step(params, opt_state, latent, context))  # warm-up
