@@ -69,15 +69,16 @@ class Backbone:
     """Jitted forward and train step of the VPD read-out for one read-out spec and dtype."""
 
     def __init__(self, config: UNetConfig, taps: tuple[str, ...], maps: tuple[str, ...], dtype: str,
-                 query_chunk: int = 0):
-        compute = Compute(dtype=DTYPES[dtype], attention_query_chunk=query_chunk)
+                 query_chunk: int = 0, conv: str = "auto"):
+        self.compute = compute = Compute(dtype=DTYPES[dtype], attention_query_chunk=query_chunk, conv=conv)
         self.model = UNet2DConditionModel(config, compute=compute)
         self.spec = FeatureSpec(tuple(taps), tuple(maps))
 
     def features(self, params, latent, context) -> list[jax.Array]:
         timesteps = jnp.full((latent.shape[0],), cases_lib.TIMESTEP, jnp.int32)
-        out = self.model.apply({"params": params}, latent, timesteps, context, taps=self.spec.taps,
-                               attn_maps=self.spec.attn_layers, output_sample=False)
+        with self.compute.trace_scope():
+            out = self.model.apply({"params": params}, latent, timesteps, context, taps=self.spec.taps,
+                                   attn_maps=self.spec.attn_layers, output_sample=False)
         return assemble_features(out.taps, out.attn, self.spec, stop_grad_attn=True)
 
     def train_step(self, tx: optax.GradientTransformation):
@@ -125,7 +126,8 @@ def run(spec: dict) -> dict:
     for case in cases_lib.ordered([cases_lib.Case(**c) for c in spec["cases"]]):
         try:
             readout = spec["readouts"][str(case.image)]
-            backbone = Backbone(config, readout["taps"], readout["attn_layers"], case.dtype, case.query_chunk)
+            backbone = Backbone(config, readout["taps"], readout["attn_layers"], case.dtype, case.query_chunk,
+                                case.conv)
             latent, context = (jax.device_put(a, device) for a in cases_lib.inputs(case, config.cross_attention_dim))
             if case.mode == "forward":
                 compiled, compile_info = _compile(jax.jit(backbone.features), state["params"], latent, context)

@@ -44,16 +44,19 @@ class Case:
     # JAX only: the UNet's compute.attention_query_chunk (0: all queries at once, the configs' default). PyTorch
     # runs the same case as without it (its scaled_dot_product_attention is its own); the run reuses that result.
     query_chunk: int = 0
+    # JAX only: the model's compute.conv (vpd_jax/models/convolution.py); 'auto' is the configs' default.
+    conv: str = "auto"
 
     @property
     def name(self) -> str:
         chunk = f", JAX query chunk {self.query_chunk}" if self.query_chunk else ""
-        return f"{self.mode} {self.dtype} {self.image}px b{self.batch}{chunk}"
+        conv = f", JAX conv {self.conv}" if self.conv != "auto" else ""
+        return f"{self.mode} {self.dtype} {self.image}px b{self.batch}{chunk}{conv}"
 
     @property
     def pytorch_case(self) -> "Case":
         """What PyTorch runs for this case: the same, without the JAX-only settings."""
-        return dataclasses.replace(self, query_chunk=0)
+        return dataclasses.replace(self, query_chunk=0, conv="auto")
 
     @property
     def latent(self) -> int:
@@ -64,8 +67,9 @@ def default_cases(reps: int = 3) -> list[Case]:
     """What fits the time budget of a 2-core CPU beside the compile-only part: 256 px forward in both dtypes and
     at batch 2, 512 px forward with and without JAX's query chunks, float32 train at 256 px and at 512 px (the
     papers' crop; JAX with query chunks only: without them its process peaks near 22 GB, too close to a 24 GiB
-    machine's RAM). No bfloat16 train: PyTorch's autocast train step at 256 px takes minutes on a CPU (`--full`
-    has it)."""
+    machine's RAM), and the 512 px train step again with XLA's convolution for every conv layer (compute.conv
+    'xla' instead of 'auto'). No bfloat16 train: PyTorch's autocast train step at 256 px takes minutes on a CPU
+    (`--full` has it)."""
     return [
         Case(256, 1, "forward", "float32", reps),
         Case(256, 2, "forward", "float32", reps),
@@ -74,6 +78,7 @@ def default_cases(reps: int = 3) -> list[Case]:
         Case(512, 1, "forward", "float32", max(1, reps - 1), query_chunk=QUERY_CHUNK),
         Case(256, 1, "train", "float32", reps),
         Case(512, 1, "train", "float32", max(1, reps - 1), query_chunk=QUERY_CHUNK),
+        Case(512, 1, "train", "float32", max(1, reps - 1), query_chunk=QUERY_CHUNK, conv="xla"),
     ]
 
 

@@ -3,7 +3,7 @@ its XLA operations summed by kind (3x3 convolution, weight-gradient convolution,
 reduction, ...). The step is `bench.backbone_jax.Backbone.train_step` on bench's weights, the one `make bench`
 times against PyTorch.
 
-  python -m bench.op_profile [--image 512] [--query_chunk 128] [--arch sd15|tiny] [--top 20]
+  python -m bench.op_profile [--image 512] [--query_chunk 128] [--arch sd15|tiny] [--conv auto|xla|matmul] [--top 20]
 
 Times are summed over XLA:CPU's worker threads (CPU seconds, not wall time). A convolution is named by its window:
 'conv 3x3' is a forward or input-gradient convolution, a window as large as an activation ('conv 64x64') is the
@@ -23,6 +23,7 @@ import jax
 from bench import cases as cases_lib
 from bench import plan as plan_lib
 from bench.backbone_jax import Backbone, bench_adamw, bench_params
+from vpd_jax.models.convolution import CONV_IMPLEMENTATIONS
 from vpd_jax.models.unet import UNet2DConditionModel
 from vpd_jax.models.unet_config import UNetConfig
 
@@ -89,7 +90,7 @@ def operation_seconds(trace_dir: str) -> collections.Counter:
     return seconds
 
 
-def profile_train_step(arch: str = "sd15", image: int = 512, query_chunk: int = 128) -> dict:
+def profile_train_step(arch: str = "sd15", image: int = 512, query_chunk: int = 128, conv: str = "auto") -> dict:
     """{'kinds': {kind: CPU seconds}, 'operations': [(seconds, kind, shape, name)], 'other_events_s'} of one
     profiled train step (after a warm-up step). Other events are the trace's spans that are no operation of the
     compiled step: the executor's spans around the operations, thread-pool waits, while loops around their bodies'
@@ -99,8 +100,8 @@ def profile_train_step(arch: str = "sd15", image: int = 512, query_chunk: int = 
     device = jax.devices("cpu")[0]
     params = bench_params(UNet2DConditionModel(config), device)
     readout = plan_lib.readouts(unet, {image})[str(image)]
-    case = cases_lib.Case(image, 1, "train", "float32", 1, query_chunk=query_chunk)
-    backbone = Backbone(config, readout["taps"], readout["attn_layers"], "float32", query_chunk)
+    case = cases_lib.Case(image, 1, "train", "float32", 1, query_chunk=query_chunk, conv=conv)
+    backbone = Backbone(config, readout["taps"], readout["attn_layers"], "float32", query_chunk, conv)
     latent, context = (jax.device_put(a, device) for a in cases_lib.inputs(case, config.cross_attention_dim))
     tx = bench_adamw()
     opt_state = jax.jit(tx.init)(params)
@@ -128,11 +129,13 @@ def main(argv=None) -> None:
     parser.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
     parser.add_argument("--image", type=int, default=512)
     parser.add_argument("--query_chunk", type=int, default=128, help="0: whole-query attention")
+    parser.add_argument("--conv", choices=CONV_IMPLEMENTATIONS, default="auto", help="compute.conv")
     parser.add_argument("--top", type=int, default=20, help="single operations listed")
     args = parser.parse_args(argv)
-    result = profile_train_step(args.arch, args.image, args.query_chunk)
+    result = profile_train_step(args.arch, args.image, args.query_chunk, args.conv)
     total = sum(result["kinds"].values())
-    print(f"{args.arch} train step, {args.image} px, query chunk {args.query_chunk}: {total:.2f} CPU s in XLA "
+    print(f"{args.arch} train step, {args.image} px, query chunk {args.query_chunk}, conv {args.conv}: {total:.2f} "
+          "CPU s in XLA "
           "operations (summed over XLA:CPU's threads)")
     for kind, s in result["kinds"].items():
         print(f"  {s:9.3f} s {100 * s / total:5.1f} %  {kind}")

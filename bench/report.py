@@ -21,6 +21,9 @@ decay 0.01). bfloat16 means bf16 compute with fp32 parameters and optimizer stat
 PyTorch: `torch.autocast`). *JAX query chunk N*: the same case with the UNet's `attention_query_chunk` = N
 (attention layers that record no map attend N queries at a time, the same values; the configs' default is all
 at once, as the references); PyTorch has no such setting, so its numbers there are those of the case without it.
+*JAX conv xla*: the same case with `compute.conv='xla'`, XLA's convolution for every conv layer; the other JAX rows
+run the default 'auto', which on XLA:CPU computes the 1x1 convolutions and those of the two lowest UNet levels as
+matrix products (vpd_jax/models/convolution.py); PyTorch's numbers are again those of the case without it.
 
 Fairness: the same shapes, dtype and random weights (generated from each parameter's PyTorch name, so both hold
 identical values, bench/weights.py) and the same parameters (the output head exists on neither side). Each case

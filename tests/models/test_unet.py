@@ -14,11 +14,14 @@ from vpd_jax.weights import load_unet
 
 TOL = 1e-4  # max |ours - reference| <= TOL * max |reference|, float32
 
-# (config, spatial size, batch, timesteps): odd sizes exercise diffusers' upsample-to-skip-size path.
+# (config, spatial size, batch, timesteps, compute.conv): odd sizes exercise diffusers' upsample-to-skip-size
+# path; 'auto' keeps XLA's convolution for the tiny UNets' few channels (but for 1x1), 'matmul' takes the matrix
+# form for every conv.
 PARITY_CASES = [
-    ("sd1", 16, 2, [1, 981]),
-    ("sd2", 18, 2, [0, 500]),
-    ("sd1_uneven", 13, 3, [7, 250, 999]),
+    ("sd1", 16, 2, [1, 981], "auto"),
+    ("sd2", 18, 2, [0, 500], "auto"),
+    ("sd1_uneven", 13, 3, [7, 250, 999], "auto"),
+    ("sd1_uneven", 13, 3, [7, 250, 999], "matmul"),
 ]
 
 
@@ -39,8 +42,9 @@ def _inputs(config: UNetConfig, size: int, batch: int, timesteps, n_ctx: int = 5
             rng.standard_normal((batch, n_ctx, config.cross_attention_dim)).astype(np.float32))
 
 
-@pytest.mark.parametrize("name, size, batch, timesteps", PARITY_CASES)
-def test_parity_with_diffusers_sample_every_tap_and_every_attention_map(saved_unets, name, size, batch, timesteps):
+@pytest.mark.parametrize("name, size, batch, timesteps, conv", PARITY_CASES)
+def test_parity_with_diffusers_sample_every_tap_and_every_attention_map(saved_unets, name, size, batch, timesteps,
+                                                                         conv):
     from diffusers import UNet2DConditionModel as TorchUNet
 
     unet, params = load_unet(saved_unets[name])
@@ -49,7 +53,8 @@ def test_parity_with_diffusers_sample_every_tap_and_every_attention_map(saved_un
     ref_sample, ref_taps, ref_maps = run_with_taps(
         TorchUNet.from_pretrained(saved_unets[name]).eval(), sample, t, context, taps, maps)
 
-    out = _apply(unet, taps=tuple(taps), attn_maps=tuple(maps))(params, sample, t, context)
+    with Compute(conv=conv).trace_scope():
+        out = _apply(unet, taps=tuple(taps), attn_maps=tuple(maps))(params, sample, t, context)
     assert out.sample.shape == ref_sample.shape
     assert rel_err(out.sample, ref_sample) <= TOL
     for tap in taps:

@@ -26,7 +26,10 @@ Fields (the `config.compute` section holds the same names as strings; `Compute.f
                           for checking a TPU configuration on a CPU.
   matmul_precision        precision of float32 matmuls and convolutions while the model is traced:
                           'default' (the platform's: bfloat16 passes on a TPU, TF32 on Ampere+ GPUs, full float32
-                          on a CPU), 'high', 'highest' (full float32 everywhere). See `precision_scope`.
+                          on a CPU), 'high', 'highest' (full float32 everywhere). See `trace_scope`.
+  conv                    how every `Conv` layer computes (see `vpd_jax.models.convolution`): 'xla' (XLA's
+                          convolution), 'matmul' (an im2col matrix product), 'auto' (default: the matrix product
+                          where XLA:CPU's convolution is measured slower, XLA's convolution everywhere else).
 
 Leaf layers (Conv, Dense, norms, the VAE, CLIP, heads) keep Flax's usual `dtype` / `param_dtype` fields: they are
 built with `**compute.layer_kwargs`.
@@ -39,6 +42,8 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+
+from vpd_jax.models import convolution
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = {
@@ -76,7 +81,7 @@ def check_tile(name: str, size: int) -> None:
 
 def current_matmul_precision() -> str | None:
     """The float32 matmul precision in effect where this runs (None: the platform's default). A custom VJP's
-    backward pass is traced after the forward pass has left the model's `precision_scope`: it reads this in the
+    backward pass is traced after the forward pass has left the model's `trace_scope`: it reads this in the
     forward pass and traces its backward pass under `matmul_precision_context` of it."""
     return jax.config.jax_default_matmul_precision
 
@@ -98,6 +103,7 @@ class Compute:
     attention_block_kv: int = 512
     pallas_interpret: bool = False
     matmul_precision: str = "default"
+    conv: str = "auto"
 
     def __post_init__(self):
         if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
@@ -114,6 +120,7 @@ class Compute:
         check_tile("attention_block_kv", self.attention_block_kv)
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise ValueError(f"unknown matmul precision {self.matmul_precision!r}; valid: {MATMUL_PRECISIONS}")
+        convolution.check_implementation(self.conv)
 
     @property
     def layer_kwargs(self) -> dict[str, Any]:
@@ -125,9 +132,13 @@ class Compute:
         """The Pallas kernels' tile sizes and interpreter switch."""
         return PallasOptions(self.attention_block_q, self.attention_block_kv, self.pallas_interpret)
 
-    def precision_scope(self):
-        """A context for tracing the model under `matmul_precision` (nothing for 'default')."""
-        return matmul_precision_context(None if self.matmul_precision == "default" else self.matmul_precision)
+    @contextlib.contextmanager
+    def trace_scope(self):
+        """The context a model is traced in: `matmul_precision` (nothing for 'default') and the `conv`
+        implementation."""
+        with matmul_precision_context(None if self.matmul_precision == "default" else self.matmul_precision), \
+                convolution.implementation_context(self.conv):
+            yield
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], where: str = "config.compute") -> "Compute":

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vpd_jax.models.convolution import conv2d
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 Padding = int | tuple[tuple[int, int], tuple[int, int]]
@@ -91,6 +93,7 @@ class Conv(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Initializer | None = None
     bias_init: Initializer | None = None
+    implementation: str | None = None  # None: the one in effect (`compute.conv`); else 'auto' | 'xla' | 'matmul'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -106,13 +109,9 @@ class Conv(nn.Module):
         # conv whose kernel is fsdp x tensor-sharded when a device holds a feature map of a few pixels
         # (tests/test_train.py, the pretrained sharded step; see BasicTransformerBlock for the forward case).
         x = constrain(x, ACT_NHWC)
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(self.strides, self.strides),
-            padding=_padding_pairs(self.padding),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        # XLA's convolution or the same sum as a matrix product: `vpd_jax.models.convolution`.
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, _padding_pairs(self.padding),
+                   self.implementation)
         if self.use_bias:
             bias = self.param(
                 "bias", _boxed(self.bias_init or torch_uniform(fan_in), self.axes[-1:]), (self.features,),

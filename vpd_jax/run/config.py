@@ -29,6 +29,8 @@ their task and paper need. Field meanings:
     attention_block_q, attention_block_kv  the Pallas kernels' query and key tiles (multiples of 128)
     pallas_interpret   run the Pallas kernels in the interpreter, on any platform (slow: tests, CPU checks)
     matmul_precision   'default' | 'high' | 'highest' (float32 matmul passes on TPUs / GPUs)
+    conv               'auto' | 'xla' | 'matmul': XLA's convolution or an im2col matrix product ('auto': the matrix
+                       product where XLA:CPU's convolution is measured slower; vpd_jax/models/convolution.py)
   batch_size           global training batch (split evenly over hosts)
   eval_batch_size      global eval batch
   total_steps          training steps (micro-batches when optim.grad_accum_steps > 1)
@@ -71,7 +73,7 @@ def compute_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(dtype="float32", param_dtype="float32", remat_policy="",
                                           attention_query_chunk=0, attention="xla", map_attention="xla",
                                           attention_block_q=512, attention_block_kv=512, pallas_interpret=False,
-                                          matmul_precision="default"))
+                                          matmul_precision="default", conv="auto"))
 
 
 def base_config(task: str, data_name: str) -> ml_collections.ConfigDict:

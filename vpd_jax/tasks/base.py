@@ -95,13 +95,13 @@ class Task(abc.ABC):
         """The model's positional inputs for a batch."""
 
     def init_variables(self, rng: jax.Array, batch: Batch, constants: dict) -> dict:
-        with self.compute.precision_scope():
+        with self.compute.trace_scope():
             return self.model.init(rng, *self.model_args(batch, constants), train=False)
 
     def apply(self, variables: dict, batch: Batch, constants: dict, *, train: bool, rng: jax.Array | None = None):
         """(output, updated batch_stats or None)."""
         args = self.model_args(batch, constants)
-        with self.compute.precision_scope():
+        with self.compute.trace_scope():
             if not train:
                 return self.model.apply(variables, *args, train=False), None
             output, updates = self.model.apply(variables, *args, train=True, rngs={"dropout": rng},

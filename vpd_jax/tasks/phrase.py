@@ -41,12 +41,12 @@ class PhraseTask(Task):
 
     def init_variables(self, rng: jax.Array, batch: Batch, constants: dict) -> dict:
         params_rng, noise_rng = jax.random.split(rng)
-        with self.compute.precision_scope():
+        with self.compute.trace_scope():
             return self.model.init(params_rng, *self.model_args(batch, constants),
                                    self.example_keys(batch, True, noise_rng))
 
     def apply(self, variables: dict, batch: Batch, constants: dict, *, train: bool, rng: jax.Array | None = None):
         """(output, None): these models keep no BatchNorm statistics."""
         keys = self.example_keys(batch, train, rng)
-        with self.compute.precision_scope():
+        with self.compute.trace_scope():
             return self.model.apply({"params": variables["params"]}, *self.model_args(batch, constants), keys), None

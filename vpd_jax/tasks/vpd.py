@@ -89,7 +89,7 @@ class _VPDTask(Task):
     def _forward(self):
         """The model's inference forward, jitted once per task (predictions)."""
         def forward(variables, *args):
-            with self.compute.precision_scope():
+            with self.compute.trace_scope():
                 return self.model.apply(variables, *args, train=False)
         return jax.jit(forward)
 
@@ -127,7 +127,7 @@ class SegTask(_VPDTask):
         def predict(crops):
             return self.model.apply(variables, crops, constants["class_embeddings"], train=False)
 
-        with self.compute.precision_scope():
+        with self.compute.trace_scope():
             return inference.segment_padded(predict, batch["image"], batch["image_hw"], batch["label_hw"],
                                             batch["label"].shape[1:3], self.num_classes, **self._protocol())
 
@@ -145,7 +145,7 @@ class SegTask(_VPDTask):
     def _features(self):
         """The four feature levels (with their attention maps), jitted: the maps for the prediction pictures."""
         def features(variables, images, embeddings):
-            with self.compute.precision_scope():
+            with self.compute.trace_scope():
                 _, state = self.model.apply(variables, images, embeddings, train=False, mutable=["intermediates"])
             return state["intermediates"]["features"][0]
         return jax.jit(features)
@@ -158,7 +158,7 @@ class SegTask(_VPDTask):
             def predict(crops):
                 return self.model.apply(variables, crops, embeddings, train=False)
 
-            with self.compute.precision_scope():
+            with self.compute.trace_scope():
                 return inference.segment_padded_probs(predict, image, image_hw, label_hw, label_shape,
                                                       self.num_classes, **self._protocol())
         return jax.jit(probs, static_argnums=(5,))
@@ -226,7 +226,7 @@ class DepthTask(_VPDTask):
         def predict(images, class_ids):
             return self.model.apply(variables, images, class_ids, constants["class_embeddings"], train=False)
 
-        with self.compute.precision_scope():
+        with self.compute.trace_scope():
             return inference.depth_shift_window_flip(
                 predict, batch["image"], batch["scene_class"], window=e.depth_window or None,
                 shift_size=e.depth_shift_size, flip=e.flip, min_depth=e.min_depth, max_depth=m.max_depth,

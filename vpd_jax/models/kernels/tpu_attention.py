@@ -89,7 +89,7 @@ def _backward_traced_like_forward(fn, precision: str | None, force_interpret: bo
     with `force_interpret`, with every Pallas call interpreted.
 
     The kernels' backward passes are custom VJPs, traced when JAX transposes the model: after the forward pass has
-    left the model's precision scope (`Compute.precision_scope`), so they would otherwise run at the platform's
+    left the model's precision scope (`Compute.trace_scope`), so they would otherwise run at the platform's
     default precision. The flash kernel has no interpreter switch: `pltpu.force_tpu_interpret_mode(True)` (the
     generic interpreter, as `interpret=True` gives the splash kernel) must cover its backward tracing too.
     """
