@@ -120,6 +120,37 @@ def test_query_chunks_give_the_same_values_and_gradients(chunk):
         np.testing.assert_allclose(np.asarray(g_c), np.asarray(g), rtol=1e-5, atol=1e-6 * float(jnp.abs(g).max()))
 
 
+def test_query_chunks_match_float64_and_finite_differences():
+    """The chunked path (vpd_jax.models.chunked_attention): 20 queries in chunks of 6 (the last one padded), value
+    head size unlike the key's; float64 forward against NumPy, gradients against finite differences."""
+    case = CASES[1]
+    heads, scale = case[3], 0.7
+    q, k, v = _inputs(case)
+    out, _ = multi_head_attention(q, k, v, heads, scale=scale, query_chunk=6)
+    np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, heads, scale, False)[0], rtol=1e-5,
+                               atol=1e-5)
+    with jax.enable_x64(True):
+        q, k, v = (jnp.asarray(t, jnp.float64) for t in _inputs(case, np.float64))
+        check_grads(lambda q, k, v: multi_head_attention(q, k, v, heads, scale=scale, query_chunk=6)[0], (q, k, v),
+                    order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+def test_query_chunks_in_bfloat16_stay_close_to_float32():
+    q, k, v = (jnp.asarray(t) for t in _inputs(CASES[0]))
+    w = jnp.asarray(np.random.default_rng(3).standard_normal(q.shape[:2] + (v.shape[2],)), jnp.float32)
+
+    def loss(q, k, v, dtype):
+        out = multi_head_attention(*(t.astype(dtype) for t in (q, k, v)), CASES[0][3], query_chunk=5)[0]
+        assert out.dtype == dtype
+        return jnp.sum(out.astype(jnp.float32) * w)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, jnp.float32)
+    grads_bf16 = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, jnp.bfloat16)
+    for g, g_bf16 in zip(grads, grads_bf16):
+        assert g_bf16.dtype == jnp.float32  # the cotangents of the float32 inputs
+        assert float(jnp.max(jnp.abs(g_bf16 - g)) / jnp.max(jnp.abs(g))) < 0.03
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[2]])
 def test_same_as_jax_dot_product_attention_and_its_implementation_switch(case):
     q, k, v = _inputs(case)

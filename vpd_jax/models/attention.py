@@ -13,8 +13,10 @@ layers that return them may use our fused Pallas kernel ('pallas'; `vpd_jax.mode
 never writes the per-head probabilities out. None of these materialises the scores.
 
 Otherwise the scores are materialised, (B, heads, Lq, Lk) float32 per layer, kept for the backward pass: at SD's
-64x64 latent 512 MiB per image and layer. `query_chunk` bounds that: a scan over query chunks whose body is
-rematerialised, so one chunk's scores are all that exists at once, forward and backward.
+64x64 latent 512 MiB per image and layer. `query_chunk` bounds that, so one chunk's scores are all that exists at
+once, forward and backward: our core runs `vpd_jax.models.chunked_attention` (a loop over query chunks keeping
+each row's log-sum-exp, with a flash-attention-style backward pass), jax.nn.dot_product_attention a scan over query
+chunks whose body is rematerialised.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 
 from vpd_jax.models.compute import (ATTENTION_KERNELS, MAP_ATTENTION_KERNELS, PALLAS_KERNELS, Compute, PallasOptions,
                                     current_matmul_precision, matmul_precision_context)
+from vpd_jax.models.chunked_attention import chunked_attention
 from vpd_jax.models.kernels.map_attention import map_attention
 from vpd_jax.models.kernels.tpu_attention import tpu_attention
 from vpd_jax.models.layers import Dense
@@ -103,11 +106,10 @@ def multi_head_attention(
         out, probs = tpu_attention(qh, kh, vh, kernel=kernel, scale=scale, options=pallas), None
     elif return_probs:
         out, probs = _attention(qh, kh, vh, scale, causal, True, upcast, precision)
+    elif query_chunk and q_len > query_chunk:
+        return chunked_attention(q, k, v, num_heads, scale=scale, chunk=query_chunk, upcast=upcast), None
     else:
-        def attend(queries):
-            return _attention(queries, kh, vh, scale, causal, False, upcast, precision)[0]
-
-        out, probs = _by_query_chunks(attend, qh, query_chunk, axis=2), None
+        out, probs = _attention(qh, kh, vh, scale, causal, False, upcast, precision)[0], None
     return jnp.swapaxes(out, 1, 2).reshape(batch, q_len, -1), probs
 
 
