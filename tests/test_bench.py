@@ -102,6 +102,15 @@ def test_report_has_the_machine_and_every_table(quick_run):
     assert "Failed" not in report and "DOES NOT HOLD" not in report
 
 
+def test_jax_only_variants_are_named_and_share_the_pytorch_case():
+    plain = cases.Case(512, 1, "train", "float32", 2)
+    variant = cases.Case(512, 1, "train", "float32", 2, query_chunk=128, conv="xla")
+    assert variant.name == "train float32 512px b1, JAX query chunk 128, JAX conv xla"
+    assert plain.name == "train float32 512px b1"
+    assert variant.pytorch_case == plain.pytorch_case == plain
+    assert sum(c.conv == "xla" for c in cases.default_cases()) == 1
+
+
 def test_fit_batches_gives_the_largest_batch_under_each_capacity():
     fit = fit_batches([(1, 5 * GIB), (2, 7 * GIB)], [16, 80])  # 3 GiB fixed + 2 GiB per example
     assert fit["fixed_bytes"] == pytest.approx(3 * GIB) and fit["per_example_bytes"] == pytest.approx(2 * GIB)
