@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from bench import compiled_jobs, flops, machine
 from bench.backbone_jax import memory_analysis
+from vpd_jax.models import convolution
 from vpd_jax.models.unet import UNet2DConditionModel
 from vpd_jax.models.vpd import feature_spec
 from vpd_jax.run.setup import setup
@@ -40,7 +41,11 @@ def _cost(compiled) -> dict:
 
 def _compile(fn, *args, label: str = "") -> tuple[object, float]:
     start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    # Traced with the accelerators' convolution: compute.conv 'auto' takes im2col matrix products on XLA:CPU
+    # outside a mesh, which the TPU / GPU programs these numbers stand for never run (and XLA counts their
+    # zero-padded border products as FLOPs, a convolution's cost analysis does not).
+    with convolution.implementation_context("xla"):
+        compiled = fn.lower(*args).compile()
     seconds = time.perf_counter() - start
     print(f"[bench.compiled] {label or getattr(fn, '__name__', 'program')}: compiled in {seconds:.1f} s",
           file=sys.stderr, flush=True)
@@ -63,10 +68,7 @@ def seg_config(key: dict):
     config.compute.dtype = key["dtype"]
     config.compute.remat_policy = key["remat"] or ""
     config.compute.attention_query_chunk = key["attention_query_chunk"]
-    # The accelerators' convolution: compute.conv 'auto' takes im2col matrix products on XLA:CPU only, and these
-    # compile-only numbers stand for TPU / GPU programs (the matrix form's buffers differ: fsdp=8, 10.6 GiB per
-    # device instead of 8.7 at 19a9b9a).
-    config.compute.conv = "xla"
+    config.compute.conv = "xla"  # the accelerators' convolution (see _compile)
     config.nonfinite_check = key["nonfinite_check"]
     config.data.aug.crop_size = (key["image"], key["image"])
     mesh = key["mesh"]

@@ -63,6 +63,10 @@ def test_auto_picks_the_matrix_product_only_where_xla_cpu_is_slower():
     for platform in ("gpu", "tpu"):
         assert resolve("auto", (1, 8, 8, 1280), (3, 3, 1280, 1280), 1, same, platform) == "xla"
         assert resolve("auto", (1, 8, 8, 1280), (1, 1, 1280, 1280), 1, ((0, 0), (0, 0)), platform) == "xla"
+    # under a mesh (the trainer's programs), even of one device: XLA's convolution
+    with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])):
+        assert resolve("auto", (1, 8, 8, 1280), (3, 3, 1280, 1280), 1, same, "cpu") == "xla"
+        assert resolve("auto", (1, 8, 8, 1280), (1, 1, 1280, 1280), 1, ((0, 0), (0, 0)), "cpu") == "xla"
     # an explicit choice is kept
     assert resolve("xla", (1, 8, 8, 1280), (1, 1, 1280, 1280), 1, ((0, 0), (0, 0)), "cpu") == "xla"
     assert resolve("matmul", (1, 64, 64, 3), (3, 3, 3, 3), 1, same, "tpu") == "matmul"

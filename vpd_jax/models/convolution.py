@@ -5,10 +5,10 @@ Implementations (`compute.conv`, set while a model is traced by `Compute.trace_s
   'matmul'  an im2col matrix product: the k*k shifted (strided) views of the padded input side by side on the
             channel axis, times the HWIO kernel read as a (k*k*in, out) matrix; a 1x1 unpadded convolution is a
             plain dot. The same sums as 'xla' in another order (float32 results agree to rounding).
-  'auto'    (default) 'matmul' where XLA:CPU's convolution is measured slower, 'xla' everywhere else: on the CPU,
-            1x1 unpadded stride-1 convolutions, and convolutions of at least CPU_MATMUL_MIN_CHANNELS input
-            channels whose output has at most CPU_MATMUL_MAX_POSITIONS positions per image (the SD UNet's 16x16 and
-            8x8 levels at 512 px). Other platforms keep XLA's convolution (cuDNN / the TPU's), which nothing here
+  'auto'    (default) 'matmul' where XLA:CPU's convolution is measured slower, 'xla' everywhere else: on the CPU
+            outside any mesh (so not in the trainer's programs), 1x1 unpadded stride-1 convolutions, and
+            convolutions of at least CPU_MATMUL_MIN_CHANNELS input channels whose output has at most
+            CPU_MATMUL_MAX_POSITIONS positions per image (the SD UNet's 16x16 and 8x8 levels at 512 px). Other platforms keep XLA's convolution (cuDNN / the TPU's), which nothing here
             has been measured against.
 
 Why on the CPU: XLA:CPU runs a convolution over a small feature map with many channels far below its matmul
@@ -68,7 +68,7 @@ def resolve(implementation: str, x_shape: Sequence[int], kernel_shape: Sequence[
     check_implementation(implementation)
     if implementation != "auto":
         return implementation
-    if (platform or jax.default_backend()) != "cpu":
+    if (platform or jax.default_backend()) != "cpu" or _traced_on_a_mesh():
         return "xla"
     k_h, k_w, channels, _ = kernel_shape
     if (k_h, k_w) == (1, 1) and stride == 1 and all(p == (0, 0) for p in padding):
@@ -77,6 +77,14 @@ def resolve(implementation: str, x_shape: Sequence[int], kernel_shape: Sequence[
                  * output_size(x_shape[2], k_w, stride, padding[1]))
     small_map = positions <= CPU_MATMUL_MAX_POSITIONS and channels >= CPU_MATMUL_MIN_CHANNELS
     return "matmul" if small_map else "xla"
+
+
+def _traced_on_a_mesh() -> bool:
+    """Whether a mesh is in effect (`jax.set_mesh`, as in the trainer): 'auto' then keeps XLA's convolution. The
+    matrix form with an fsdp x tensor-sharded kernel gave kernel gradients far outside float rounding on XLA:CPU's
+    8 fake devices (tests/run/test_train.py, the pretrained sharded step), and a one-device mesh must compute as
+    the sharded one does; the speed was measured without a mesh (bench's backbone)."""
+    return not jax.sharding.get_abstract_mesh().empty
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: PaddingPairs,
