@@ -98,18 +98,17 @@ def multi_head_attention(
 
         return _by_query_chunks(attend, split(q), query_chunk, axis=1).reshape(batch, q_len, -1), None
 
+    if kernel == "xla" and not return_probs and query_chunk and q_len > query_chunk:
+        return chunked_attention(q, k, v, num_heads, scale=scale, chunk=query_chunk, upcast=upcast), None
+
     qh, kh, vh = (_heads_first(t, num_heads) for t in (q, k, v))
     precision = current_matmul_precision()
     if kernel == "pallas":
         out, probs = map_attention(qh, kh, vh, scale=scale, options=pallas)
     elif kernel in PALLAS_KERNELS:
         out, probs = tpu_attention(qh, kh, vh, kernel=kernel, scale=scale, options=pallas), None
-    elif return_probs:
-        out, probs = _attention(qh, kh, vh, scale, causal, True, upcast, precision)
-    elif query_chunk and q_len > query_chunk:
-        return chunked_attention(q, k, v, num_heads, scale=scale, chunk=query_chunk, upcast=upcast), None
     else:
-        out, probs = _attention(qh, kh, vh, scale, causal, False, upcast, precision)[0], None
+        out, probs = _attention(qh, kh, vh, scale, causal, return_probs, upcast, precision)
     return jnp.swapaxes(out, 1, 2).reshape(batch, q_len, -1), probs
 
 

@@ -8,8 +8,8 @@ Implementations (`compute.conv`, set while a model is traced by `Compute.trace_s
   'auto'    (default) 'matmul' where XLA:CPU's convolution is measured slower, 'xla' everywhere else: on the CPU
             outside any mesh (so not in the trainer's programs), 1x1 unpadded stride-1 convolutions, and
             convolutions of at least CPU_MATMUL_MIN_CHANNELS input channels whose output has at most
-            CPU_MATMUL_MAX_POSITIONS positions per image (the SD UNet's 16x16 and 8x8 levels at 512 px). Other platforms keep XLA's convolution (cuDNN / the TPU's), which nothing here
-            has been measured against.
+            CPU_MATMUL_MAX_POSITIONS positions per image (the SD UNet's 16x16 and 8x8 levels at 512 px). Other
+            platforms keep XLA's convolution (cuDNN / the TPU's), which nothing here has been measured against.
 
 Why on the CPU: XLA:CPU runs a convolution over a small feature map with many channels far below its matmul
 speed, and its gradients copy the kernel (reversed and transposed for the input gradient, relaid out for the
