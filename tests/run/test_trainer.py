@@ -28,7 +28,7 @@ from flax.traverse_util import flatten_dict
 from tests.helpers.variables import random_trainer_variables
 from tests.test_configs import get_config
 from vpd_jax import losses, parallel
-from vpd_jax.models import presets
+from vpd_jax.models import convolution, presets
 from vpd_jax.parallel import device_batch
 from vpd_jax.run.trainer import build_trainer
 from vpd_jax.tasks.registry import make_task
@@ -97,7 +97,10 @@ def hand_written_steps(config, task, groups, variables: dict, batches: list[dict
     step_losses, lrs = [], []
     for s, batch in enumerate(batches):
         rng = jax.random.fold_in(jax.random.key(config.seed), s)
-        (loss, batch_stats), grads = loss_and_gradients(trainable, batch_stats, batch, rng)
+        # The trainer's programs run under a mesh, where compute.conv 'auto' is XLA's convolution; traced without
+        # one, 'auto' would take the matrix form for 1x1 convolutions on the CPU and round differently.
+        with convolution.implementation_context("xla"):
+            (loss, batch_stats), grads = loss_and_gradients(trainable, batch_stats, batch, rng)
         lr, t = LR * (1.0 - s / TOTAL_STEPS) ** POWER, s + 1
         for path, g in flatten_dict(jax.device_get(grads)).items():
             group = groups["/".join(path)]
