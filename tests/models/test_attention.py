@@ -104,7 +104,7 @@ def test_gradients_match_finite_differences_in_float64(case):
             check_grads(f, (q, k, v), order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [5, 8])
+@pytest.mark.parametrize("chunk", [4, 6])  # 20 queries, 7 keys: 5 chunks, or 4 with the last one padded
 def test_query_chunks_give_the_same_values_and_gradients(chunk):
     case = CASES[1]
     q, k, v = _inputs(case)
@@ -133,6 +133,27 @@ def test_query_chunks_match_float64_and_finite_differences():
         q, k, v = (jnp.asarray(t, jnp.float64) for t in _inputs(case, np.float64))
         check_grads(lambda q, k, v: multi_head_attention(q, k, v, heads, scale=scale, query_chunk=6)[0], (q, k, v),
                     order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["xla", "dot_product"])
+def test_layers_with_no_more_keys_than_a_chunk_attend_all_queries_at_once(kernel):
+    """20 queries and 7 keys: chunks of 6 loop over the queries; chunks of 7 or more, as many keys as a chunk has
+    queries or fewer (cross-attention over a few tokens), attend at once: no loop in the program, forward or
+    backward, and the values of the unchunked call."""
+    case = (1, 20, 7, 4, 4, 4, False)  # jax.nn.dot_product_attention takes values of the keys' head size only
+    q, k, v = (jnp.asarray(t) for t in _inputs(case))
+
+    def loss(chunk):
+        return lambda q, k, v: jnp.sum(multi_head_attention(q, k, v, case[3], implementation=kernel,
+                                                            query_chunk=chunk)[0] ** 2)
+
+    def loops(chunk) -> bool:
+        return bool(re.search(r"\b(scan|while)\b", str(jax.make_jaxpr(jax.grad(loss(chunk), (0, 1, 2)))(q, k, v))))
+
+    assert loops(6) and not loops(0)
+    for chunk in (7, 8, 64):
+        assert not loops(chunk), chunk
+        np.testing.assert_array_equal(np.asarray(jax.jit(loss(chunk))(q, k, v)), np.asarray(jax.jit(loss(0))(q, k, v)))
 
 
 def test_query_chunks_in_bfloat16_stay_close_to_float32():

@@ -69,8 +69,9 @@ def multi_head_attention(
       map_implementation: the kernel where probabilities are returned: 'xla' (our core) or 'pallas' (our fused
         Pallas kernel).
       query_chunk: > 0: where no probabilities are returned and the kernel is 'xla', 'dot_product' or 'cudnn',
-        attend `query_chunk` queries at a time (module docstring); the result equals full attention up to float
-        rounding. 0: all queries at once. (The Pallas kernels tile the queries themselves.)
+        attend `query_chunk` queries at a time (module docstring) if there are more keys than that (cross-attention
+        over a few tokens attends at once); the result equals full attention up to float rounding. 0: all queries
+        at once. (The Pallas kernels tile the queries themselves.)
       pallas: the Pallas kernels' tile sizes, and whether they run in the Pallas interpreter (any platform).
     Returns:
       (output (B, Lq, H*Dv) in v's dtype, head-averaged probabilities or None).
@@ -80,6 +81,7 @@ def multi_head_attention(
     scale = head_dim ** -0.5 if scale is None else scale
     if query_chunk and q_len > query_chunk and causal and not return_probs:
         raise ValueError("query_chunk with causal attention is not supported")
+    query_chunk = _effective_query_chunk(query_chunk, q_len, k.shape[1])
 
     kernel = map_implementation if return_probs else implementation
     _check_kernel(implementation, ATTENTION_KERNELS, "attention kernel", kernel, pallas.interpret)
@@ -98,7 +100,7 @@ def multi_head_attention(
 
         return _by_query_chunks(attend, split(q), query_chunk, axis=1).reshape(batch, q_len, -1), None
 
-    if kernel == "xla" and not return_probs and query_chunk and q_len > query_chunk:
+    if kernel == "xla" and not return_probs and query_chunk:
         return chunked_attention(q, k, v, num_heads, scale=scale, chunk=query_chunk, upcast=upcast), None
 
     qh, kh, vh = (_heads_first(t, num_heads) for t in (q, k, v))
@@ -110,6 +112,17 @@ def multi_head_attention(
     else:
         out, probs = _attention(qh, kh, vh, scale, causal, return_probs, upcast, precision)
     return jnp.swapaxes(out, 1, 2).reshape(batch, q_len, -1), probs
+
+
+def _effective_query_chunk(query_chunk: int, q_len: int, k_len: int) -> int:
+    """The chunk the layer attends its queries in, 0 for all at once: also 0 where one chunk holds every query, or
+    where there are no more keys than a chunk has queries (cross-attention over a text's tokens or class
+    embeddings). Per head, such a layer's scores (Lq x Lk) are then no larger than one query chunk of a
+    self-attention over the same positions (chunk x Lq), and a loop over chunks of so few keys runs many small
+    products whose overhead outweighs the memory it saves."""
+    if not query_chunk or q_len <= query_chunk or k_len <= query_chunk:
+        return 0
+    return query_chunk
 
 
 def _check_pallas_call(kernel: str, causal: bool) -> None:

@@ -6,9 +6,10 @@ Fields (the `config.compute` section holds the same names as strings; `Compute.f
   param_dtype             dtype of the stored parameters: float32 | bfloat16.
   remat_policy            None (no rematerialisation) or a name in REMAT_POLICIES, applied per UNet block.
   attention_query_chunk   0: every attention layer attends all its queries at once (as the references). N > 0:
-                          the UNet's layers that record no map attend N queries at a time (our core: loops
-                          with a flash-attention-style backward pass, `vpd_jax.models.chunked_attention`): the same
-                          result with one chunk's scores in memory at a time.
+                          the UNet's layers that record no map and have more than N keys (self-attention)
+                          attend N queries at a time (our core: loops with a flash-attention-style backward pass,
+                          `vpd_jax.models.chunked_attention`): the same result with one chunk's scores in memory at
+                          a time.
                           (The Pallas kernels tile the queries themselves and ignore it.)
   attention               the kernel of the UNet's attention layers that record no map:
                             'xla'          our heads-first core with its written-out backward pass (default)

@@ -20,7 +20,8 @@ their task and paper need. Field meanings:
     dtype, param_dtype 'float32' | 'bfloat16' (norms and softmax run in float32 either way)
     remat_policy       '' (none) or a name in vpd_jax.models.compute.REMAT_POLICIES, per UNet block
     attention_query_chunk  0 (all queries at once, as the references) or N: the UNet's attention layers that
-                       record no map attend N queries at a time, each chunk's scores recomputed in the backward
+                       record no map and have more than N keys (self-attention; cross-attention over a few tokens
+                       attends at once) attend N queries at a time, each chunk's scores recomputed in the backward
                        pass: the same result with far less memory where no fused attention kernel exists
                        (BENCHMARKS.md measures time and memory)
     attention          kernel of the attention layers that record no map: 'xla' | 'dot_product' | 'cudnn' (GPU) |
