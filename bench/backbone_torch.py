@@ -83,6 +83,35 @@ class VPDReadout:
         return features
 
 
+def case_inputs(case: cases_lib.Case, unet_config: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(latent NCHW, timesteps, context) of a case, the same values as JAX's (bench/cases.py `inputs`)."""
+    latent, context = cases_lib.inputs(case, unet_config.get("cross_attention_dim", 768))
+    latent = torch.from_numpy(latent).permute(0, 3, 1, 2).contiguous().to(device)
+    timesteps = torch.full((case.batch,), cases_lib.TIMESTEP, dtype=torch.long, device=device)
+    return latent, timesteps, torch.from_numpy(context).to(device)
+
+
+def bench_adamw(model: UNet2DConditionModel) -> torch.optim.AdamW:
+    """The optimizer of bench's train cases (bench/cases.py ADAMW)."""
+    a = cases_lib.ADAMW
+    return torch.optim.AdamW(model.parameters(), lr=a["lr"], betas=(a["b1"], a["b2"]), eps=a["eps"],
+                             weight_decay=a["weight_decay"])
+
+
+def train_step(readout: VPDReadout, optimizer: torch.optim.Optimizer, latent: torch.Tensor, timesteps: torch.Tensor,
+               context: torch.Tensor, dtype: str, device: torch.device) -> float:
+    """One step of bench's train case (bench/cases.py): the loss over VPD's four features, its gradient, one AdamW
+    update. Returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(dtype, device):
+        features = readout(latent, timesteps, context)
+    loss = sum(f.float().square().mean() for f in features)
+    loss.backward()
+    optimizer.step()
+    _sync(device)
+    return float(loss.detach())
+
+
 def _autocast(dtype: str, device: torch.device):
     if dtype == "float32":
         return contextlib.nullcontext()
@@ -114,10 +143,7 @@ def run(spec: dict) -> dict:
         out = result["cases"]
         try:
             readout.select(*(tuple(spec["readouts"][str(case.image)][k]) for k in ("taps", "attn_layers")))
-            latent, context = cases_lib.inputs(case, spec["unet"].get("cross_attention_dim", 768))
-            latent = torch.from_numpy(latent).permute(0, 3, 1, 2).contiguous().to(device)
-            context = torch.from_numpy(context).to(device)
-            timesteps = torch.full((case.batch,), cases_lib.TIMESTEP, dtype=torch.long, device=device)
+            latent, timesteps, context = case_inputs(case, spec["unet"], device)
             if case.mode == "forward":
                 model.eval()
 
@@ -127,21 +153,11 @@ def run(spec: dict) -> dict:
                     _sync(device)
             else:
                 model.train()
-                if optimizer is None:
-                    a = cases_lib.ADAMW
-                    optimizer = torch.optim.AdamW(model.parameters(), lr=a["lr"], betas=(a["b1"], a["b2"]),
-                                                  eps=a["eps"], weight_decay=a["weight_decay"])
+                optimizer = optimizer or bench_adamw(model)
                 losses = []
 
                 def step():
-                    optimizer.zero_grad(set_to_none=True)
-                    with _autocast(case.dtype, device):
-                        features = readout(latent, timesteps, context)
-                    loss = sum(f.float().square().mean() for f in features)
-                    loss.backward()
-                    optimizer.step()
-                    _sync(device)
-                    losses.append(float(loss.detach()))
+                    losses.append(train_step(readout, optimizer, latent, timesteps, context, case.dtype, device))
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             row = dict(name=case.name, case=dataclasses.asdict(case), **timing.run_case(step, case.warmup, case.reps))

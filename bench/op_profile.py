@@ -4,11 +4,18 @@ reduction, ...). The step is `bench.backbone_jax.Backbone.train_step` on bench's
 times against PyTorch.
 
   python -m bench.op_profile [--image 512] [--query_chunk 128] [--arch sd15|tiny] [--conv auto|xla|matmul] [--top 20]
+  python -m bench.op_profile --framework pytorch [--image 512] [--arch sd15|tiny] [--top 20]
 
 Times are summed over XLA:CPU's worker threads (CPU seconds, not wall time). A convolution is named by its window:
 'conv 3x3' is a forward or input-gradient convolution, a window as large as an activation ('conv 64x64') is the
 weight gradient of a 3x3 convolution at that resolution, which XLA computes as a convolution of the activation with
 the output gradient.
+
+`--framework pytorch` profiles the same step as `make bench` times it in PyTorch (bench/backbone_torch.py) with
+torch.profiler: each operator's self time on the calling thread (an operator's own worker threads run inside it),
+summed by kind: convolutions (forward and backward, all kernel sizes), matrix products, attention
+(scaled_dot_product_attention's kernels, forward and backward), the AdamW update (everything under
+`optimizer.step` and `zero_grad`), and everything else by operator name.
 """
 from __future__ import annotations
 
@@ -124,6 +131,52 @@ def profile_train_step(arch: str = "sd15", image: int = 512, query_chunk: int = 
                 other_events_s=other)
 
 
+_TORCH_KINDS = (("conv", "conv"), ("scaled_dot_product", "attention"), ("aten::mm", "dot"),
+                ("aten::addmm", "dot"), ("aten::bmm", "dot"), ("aten::baddbmm", "dot"))
+
+
+def torch_kind(operator: str, under_optimizer: bool) -> str:
+    """The kind of a PyTorch operator's self time: 'AdamW' for anything the optimizer runs, else by name."""
+    if under_optimizer:
+        return "AdamW"
+    for fragment, kind in _TORCH_KINDS:
+        if fragment in operator and (not fragment.startswith("aten::") or operator == fragment):
+            return kind
+    return operator
+
+
+def profile_torch_train_step(arch: str = "sd15", image: int = 512) -> dict:
+    """{'kinds': {kind: seconds}, 'operations': [(seconds, kind, operator)]} of one PyTorch train step of bench's
+    case (after a warm-up step), from torch.profiler's self CPU times."""
+    import torch
+
+    from bench import backbone_torch
+
+    unet = ARCHS[arch]
+    device = torch.device("cpu")
+    model = backbone_torch.build_unet(unet, device)
+    readout = backbone_torch.VPDReadout(model)
+    names = plan_lib.readouts(unet, {image})[str(image)]
+    readout.select(tuple(names["taps"]), tuple(names["attn_layers"]))
+    case = cases_lib.Case(image, 1, "train", "float32", 1)
+    inputs = backbone_torch.case_inputs(case, unet, device)
+    model.train()
+    optimizer = backbone_torch.bench_adamw(model)
+    backbone_torch.train_step(readout, optimizer, *inputs, "float32", device)  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        backbone_torch.train_step(readout, optimizer, *inputs, "float32", device)
+    by_kind, by_operator = collections.Counter(), collections.Counter()
+    for event in prof.events():
+        root = event
+        while root.cpu_parent is not None:
+            root = root.cpu_parent
+        kind = torch_kind(event.name, root.name.startswith("Optimizer."))
+        by_kind[kind] += event.self_cpu_time_total / 1e6
+        by_operator[(kind, event.name)] += event.self_cpu_time_total / 1e6
+    operations = sorted(((s, kind, name) for (kind, name), s in by_operator.items()), reverse=True)
+    return dict(kinds=dict(by_kind.most_common()), operations=operations)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
@@ -131,7 +184,18 @@ def main(argv=None) -> None:
     parser.add_argument("--query_chunk", type=int, default=128, help="0: whole-query attention")
     parser.add_argument("--conv", choices=CONV_IMPLEMENTATIONS, default="auto", help="compute.conv")
     parser.add_argument("--top", type=int, default=20, help="single operations listed")
+    parser.add_argument("--framework", choices=("jax", "pytorch"), default="jax")
     args = parser.parse_args(argv)
+    if args.framework == "pytorch":
+        result = profile_torch_train_step(args.arch, args.image)
+        total = sum(result["kinds"].values())
+        print(f"{args.arch} PyTorch train step, {args.image} px: {total:.2f} s of operators' self time")
+        for kind, s in list(result["kinds"].items())[:args.top]:
+            print(f"  {s:9.3f} s {100 * s / total:5.1f} %  {kind}")
+        print(f"top {args.top} operators:")
+        for s, kind, name in result["operations"][:args.top]:
+            print(f"  {s:9.4f} s  {kind:16s} {name}")
+        return
     result = profile_train_step(args.arch, args.image, args.query_chunk, args.conv)
     total = sum(result["kinds"].values())
     print(f"{args.arch} train step, {args.image} px, query chunk {args.query_chunk}, conv {args.conv}: {total:.2f} "

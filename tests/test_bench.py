@@ -320,3 +320,18 @@ def test_op_profile_of_the_tiny_train_step():
     assert sum(kinds.values()) > 0
     assert sum(s for s, *_ in result["operations"]) == pytest.approx(sum(kinds.values()))
     assert all(kind in kinds for _, kind, _, _ in result["operations"])
+
+
+@pytest.mark.slow
+def test_op_profile_of_the_tiny_pytorch_train_step():
+    """The same step in PyTorch, profiled: convolutions (of every kernel size, forward and backward), matrix
+    products and the AdamW update each get their operators' self time, and the kinds add up to the operators."""
+    from bench.op_profile import profile_torch_train_step, torch_kind
+
+    result = profile_torch_train_step("tiny", 64)
+    kinds = result["kinds"]
+    assert {"conv", "dot", "AdamW"} <= set(kinds) and all(s > 0 for s in (kinds["conv"], kinds["dot"], kinds["AdamW"]))
+    assert sum(s for s, *_ in result["operations"]) == pytest.approx(sum(kinds.values()))
+    assert {kind for _, kind, _ in result["operations"]} == set(kinds)
+    assert torch_kind("aten::_slow_conv2d_backward", False) == "conv" and torch_kind("aten::mm", False) == "dot"
+    assert torch_kind("aten::mm", True) == "AdamW" and torch_kind("aten::mmx", False) == "aten::mmx"
