@@ -158,10 +158,11 @@ def _heads_first(t: jax.Array, num_heads: int) -> jax.Array:
 
 def _by_query_chunks(attend, queries: jax.Array, chunk: int, axis: int) -> jax.Array:
     """attend(queries) over the queries of `queries` (their positions along `axis`), `chunk` at a time, as a scan
-    whose body is rematerialised (all at once when chunk is 0 or covers them). The last chunk is padded with zero
-    queries, whose rows are dropped (softmax rows are independent). The result has the queries along `axis`."""
+    whose body is rematerialised (all at once when chunk is 0: `_effective_query_chunk` decides). The last chunk is
+    padded with zero queries, whose rows are dropped (softmax rows are independent). The result has the queries
+    along `axis`."""
     q_len = queries.shape[axis]
-    if not chunk or q_len <= chunk:
+    if not chunk:
         return attend(queries)
     count = -(-q_len // chunk)
     pad = [(0, 0)] * queries.ndim
