@@ -131,18 +131,17 @@ def profile_train_step(arch: str = "sd15", image: int = 512, query_chunk: int = 
                 other_events_s=other)
 
 
-_TORCH_KINDS = (("conv", "conv"), ("scaled_dot_product", "attention"), ("aten::mm", "dot"),
-                ("aten::addmm", "dot"), ("aten::bmm", "dot"), ("aten::baddbmm", "dot"))
+_TORCH_MATMULS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+_TORCH_NAME_FRAGMENTS = (("conv", "conv"), ("scaled_dot_product", "attention"))
 
 
 def torch_kind(operator: str, under_optimizer: bool) -> str:
     """The kind of a PyTorch operator's self time: 'AdamW' for anything the optimizer runs, else by name."""
     if under_optimizer:
         return "AdamW"
-    for fragment, kind in _TORCH_KINDS:
-        if fragment in operator and (not fragment.startswith("aten::") or operator == fragment):
-            return kind
-    return operator
+    if operator in _TORCH_MATMULS:
+        return "dot"
+    return next((kind for fragment, kind in _TORCH_NAME_FRAGMENTS if fragment in operator), operator)
 
 
 def profile_torch_train_step(arch: str = "sd15", image: int = 512) -> dict:
@@ -188,25 +187,24 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.framework == "pytorch":
         result = profile_torch_train_step(args.arch, args.image)
-        total = sum(result["kinds"].values())
-        print(f"{args.arch} PyTorch train step, {args.image} px: {total:.2f} s of operators' self time")
-        for kind, s in list(result["kinds"].items())[:args.top]:
-            print(f"  {s:9.3f} s {100 * s / total:5.1f} %  {kind}")
-        print(f"top {args.top} operators:")
-        for s, kind, name in result["operations"][:args.top]:
-            print(f"  {s:9.4f} s  {kind:16s} {name}")
-        return
-    result = profile_train_step(args.arch, args.image, args.query_chunk, args.conv)
+        title = f"{args.arch} PyTorch train step, {args.image} px: {{total:.2f}} s of operators' self time"
+        rows = [f"{s:9.4f} s  {kind:16s} {name}" for s, kind, name in result["operations"][:args.top]]
+    else:
+        result = profile_train_step(args.arch, args.image, args.query_chunk, args.conv)
+        title = (f"{args.arch} train step, {args.image} px, query chunk {args.query_chunk}, conv {args.conv}: "
+                 "{total:.2f} CPU s in XLA operations (summed over XLA:CPU's threads)")
+        rows = [f"{s:9.4f} s  {kind:16s} {shape:28s} {name}"
+                for s, kind, shape, name in result["operations"][:args.top]]
+    kinds = list(result["kinds"].items())
+    if args.framework == "pytorch":  # every operator that is no kind of its own is a kind: the --top largest
+        kinds = kinds[:args.top]
     total = sum(result["kinds"].values())
-    print(f"{args.arch} train step, {args.image} px, query chunk {args.query_chunk}, conv {args.conv}: {total:.2f} "
-          "CPU s in XLA "
-          "operations (summed over XLA:CPU's threads)")
-    for kind, s in result["kinds"].items():
+    print(title.format(total=total))
+    for kind, s in kinds:
         print(f"  {s:9.3f} s {100 * s / total:5.1f} %  {kind}")
     print(f"top {args.top} operations:")
-    for s, kind, shape, name in result["operations"][:args.top]:
-        print(f"  {s:9.4f} s  {kind:16s} {shape:28s} {name}")
-
+    for row in rows:
+        print(f"  {row}")
 
 if __name__ == "__main__":
     main()
