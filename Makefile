@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test files run on this many processes (pytest-xdist; a file stays on one worker, so its module fixtures are
+# built once). XLA:CPU compiles each program on one thread, so a core per worker is what the suite can use.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: demo test test-fast bench venv clean-venv
 
@@ -20,11 +24,11 @@ demo: $(STAMP)
 
 # The whole suite, as CI runs it.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) --durations=25 $(PYTEST_ARGS) tests
 
 # Everything but the tests marked slow.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow" $(PYTEST_ARGS) tests
 
 # Benchmarks of issue 8 (python -m bench.run): rewrites BENCHMARKS.md and bench/results.json.
 bench: $(STAMP)

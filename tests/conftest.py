@@ -6,9 +6,10 @@ level 0 without the fusion emitters compiles 2-3x faster and changes no result b
 parity tests run under the same flags). Subprocesses started by tests inherit these variables.
 
 One persistent compilation cache, in a fresh directory per test session (unless JAX_COMPILATION_CACHE_DIR is already
-set), serves this process and the subprocesses the tests start (train.py, predict.py, the demo, the benchmark), so a
-program that two tests compile, e.g. a smoke config's train step, is compiled once. The directory is removed at the
-end of the session.
+set), serves this process, the pytest-xdist workers (`make test` runs the test files on TEST_WORKERS processes; they
+inherit the variable from the controller, which imports this file before it starts them) and the subprocesses the
+tests start (train.py, predict.py, the demo, the benchmark), so a program that two tests compile, e.g. a smoke
+config's train step, is compiled once. The process that made the directory removes it at the end of the session.
 """
 import os
 import shutil
