@@ -739,9 +739,9 @@ def test_pretrained_init_sharded_step_equals_unsharded(sd_root, data_dir, tmp_pa
     host0 = jax.device_get(state)
     batch = next(train_iter)
     constants = jax.device_put(task.constants, trainer.replicated)
+    sharded_step = trainer.jit_train_step()  # one jitted function for both sharded steps: traced once
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
-        sharded, sharded_metrics = trainer.jit_train_step()(state, device_batch(batch, trainer.batch_sharding),
-                                                            constants)
+        sharded, sharded_metrics = sharded_step(state, device_batch(batch, trainer.batch_sharding), constants)
     sharded = jax.device_get(sharded)
 
     single = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
@@ -784,7 +784,7 @@ def test_pretrained_init_sharded_step_equals_unsharded(sd_root, data_dir, tmp_pa
     # The frozen VAE, after a second step: still the file's, bit for bit.
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         state = jax.device_put(sharded, trainer.state_shardings)
-        state, _ = trainer.jit_train_step()(state, device_batch(next(train_iter), trainer.batch_sharding), constants)
+        state, _ = sharded_step(state, device_batch(next(train_iter), trainer.batch_sharding), constants)
     assert int(state["step"]) == 2
     assert_trees_equal(jax.device_get(state["frozen"]["vae"]), vae_file, "vae after 2 steps")
 
