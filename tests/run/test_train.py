@@ -653,6 +653,8 @@ def test_bad_overrides_fail_at_flag_parsing():
     ({"model.class_embeddings": "/nonexistent/ce.npy"}, r"config\.model\.class_embeddings='/nonexistent/ce\.npy'"),
     ({"nonfinite": "ignore"}, r"config\.nonfinite='ignore'"),
     ({"ckpt_every": 0}, r"config\.ckpt_every=0 must be positive"),
+    ({"eval.seg_crop": (64, 96)}, r"config\.eval\.seg_crop=\(64, 96\): .* multiple of 64"),
+    ({"eval.seg_stride": (32, 0)}, r"config\.eval\.seg_stride=\(32, 0\): \(height, width\), each positive"),
 ])
 def test_bad_config_values_fail_at_start(overrides, error, data_dir, tmp_path, monkeypatch):
     """train_and_evaluate (what train.py runs) fails before building the input pipeline or the model."""

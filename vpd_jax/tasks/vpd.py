@@ -47,7 +47,7 @@ def vpd_model_config(task: str) -> ml_collections.ConfigDict:
 def vpd_eval_config(task: str) -> ml_collections.ConfigDict:
     """The config.eval section of the VPD tasks: the test protocols of the originals' test scripts.
 
-      seg_crop, seg_stride   mmseg slide windows (512 / 341)
+      seg_crop, seg_stride   mmseg slide windows (512 / 341); the crop's sides are multiples of 64 (check_slide_windows)
       seg_ratios             mmseg aug_test img_ratios applied to data.aug.img_scale: (1.0,) is the single-scale
                              test; inference.AUG_TEST_RATIOS (1.0 ... 1.5) with flip=True is `--aug-test`
       flip                   seg: each ratio also on the flipped image (aug_test); depth: the flip test of the
@@ -61,6 +61,17 @@ def vpd_eval_config(task: str) -> ml_collections.ConfigDict:
         seg_crop=(512, 512), seg_stride=(341, 341), seg_ratios=(1.0,), chunk_size=0,
         depth_window=0, depth_shift_size=2, flip=task == "depth", min_depth=1e-3, depth_crop="eigen",
     ))
+
+
+def check_slide_windows(eval_config: ml_collections.ConfigDict) -> None:
+    """The segmentation test's windows (config.eval.seg_crop, seg_stride) are ones the model takes: checked when the
+    task is built, so train.py and eval.py refuse them at start rather than at the first evaluation."""
+    crop, stride = tuple(eval_config.seg_crop), tuple(eval_config.seg_stride)
+    if len(crop) != 2 or any(side <= 0 or side % 64 for side in crop):
+        raise ValueError(f"config.eval.seg_crop={crop}: (height, width), each a positive multiple of 64 (the VPD "
+                         "backbone's input: the VAE and the UNet halve it 6 times)")
+    if len(stride) != 2 or any(step <= 0 for step in stride):
+        raise ValueError(f"config.eval.seg_stride={stride}: (height, width), each positive")
 
 
 class _VPDTask(Task):
@@ -102,6 +113,7 @@ class SegTask(_VPDTask):
 
     def __init__(self, config, arch):
         super().__init__(config, arch)
+        check_slide_windows(config.eval)
         m = config.model
         self.num_classes = m.num_classes
         self.model = VPDSeg(**self._model_kwargs(), num_classes=m.num_classes, fpn_channels=m.fpn_channels,
