@@ -156,6 +156,23 @@ def test_layers_with_no_more_keys_than_a_chunk_attend_all_queries_at_once(kernel
         np.testing.assert_array_equal(np.asarray(jax.jit(loss(chunk))(q, k, v)), np.asarray(jax.jit(loss(0))(q, k, v)))
 
 
+@pytest.mark.parametrize("kernel", ["xla", "dot_product"])
+def test_causal_attention_takes_a_query_chunk_only_where_the_layer_attends_at_once(kernel):
+    """Causal attention has no chunked form: a chunk the layer would loop over is refused, naming it; a chunk it
+    does not loop over (no more keys than the chunk has queries, or one chunk for every query) gives the
+    unchunked causal values."""
+    case = (1, 20, 7, 4, 4, 4, True)
+    q, k, v = (jnp.asarray(t) for t in _inputs(case))
+    with pytest.raises(ValueError, match=r"query_chunk=6 with causal attention over 20 queries and 7 keys"):
+        multi_head_attention(q, k, v, case[3], causal=True, implementation=kernel, query_chunk=6)
+    expected, _ = numpy_attention(q, k, v, case[3], case[4] ** -0.5, causal=True)
+    unchunked = np.asarray(multi_head_attention(q, k, v, case[3], causal=True, implementation=kernel)[0])
+    np.testing.assert_allclose(unchunked, expected, rtol=1e-5, atol=1e-6)
+    for chunk in (7, 20, 64):
+        out, _ = multi_head_attention(q, k, v, case[3], causal=True, implementation=kernel, query_chunk=chunk)
+        np.testing.assert_array_equal(np.asarray(out), unchunked, err_msg=f"query_chunk={chunk}")
+
+
 def test_query_chunks_in_bfloat16_stay_close_to_float32():
     q, k, v = (jnp.asarray(t) for t in _inputs(CASES[0]))
     w = jnp.asarray(np.random.default_rng(3).standard_normal(q.shape[:2] + (v.shape[2],)), jnp.float32)

@@ -71,7 +71,8 @@ def multi_head_attention(
       query_chunk: > 0: where no probabilities are returned and the kernel is 'xla', 'dot_product' or 'cudnn',
         attend `query_chunk` queries at a time (module docstring) if there are more keys than that (cross-attention
         over a few tokens attends at once); the result equals full attention up to float rounding. 0: all queries
-        at once. (The Pallas kernels tile the queries themselves.)
+        at once. Causal attention has no chunked form: a chunk it would loop over is an error. (The Pallas kernels
+        tile the queries themselves.)
       pallas: the Pallas kernels' tile sizes, and whether they run in the Pallas interpreter (any platform).
     Returns:
       (output (B, Lq, H*Dv) in v's dtype, head-averaged probabilities or None).
@@ -79,9 +80,11 @@ def multi_head_attention(
     batch, q_len, width = q.shape
     head_dim = width // num_heads
     scale = head_dim ** -0.5 if scale is None else scale
-    if query_chunk and q_len > query_chunk and causal and not return_probs:
-        raise ValueError("query_chunk with causal attention is not supported")
-    query_chunk = _effective_query_chunk(query_chunk, q_len, k.shape[1])
+    chunk = _effective_query_chunk(query_chunk, q_len, k.shape[1])
+    if chunk and causal and not return_probs:
+        raise ValueError(f"query_chunk={query_chunk} with causal attention over {q_len} queries and {k.shape[1]} keys "
+                         "is not supported (it would loop over the queries); use query_chunk=0")
+    query_chunk = chunk
 
     kernel = map_implementation if return_probs else implementation
     _check_kernel(implementation, ATTENTION_KERNELS, "attention kernel", kernel, pallas.interpret)
