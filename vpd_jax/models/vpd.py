@@ -27,6 +27,8 @@ from vpd_jax.models.unet import UNet2DConditionModel
 from vpd_jax.models.unet_config import UNetConfig
 from vpd_jax.models.vae import SD_VAE, AutoencoderKLEncoder, VAEConfig
 
+# The backbone's input sides are multiples of this: the VAE and the UNet halve them 6 times.
+IMAGE_SIDE_MULTIPLE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +127,8 @@ class _VPDBase(nn.Module):
     def _features(self, images: jax.Array, context: jax.Array) -> list[jax.Array]:
         """images (B, H, W, 3) in [-1, 1], H and W multiples of 64 -> four features, finest first."""
         height, width = images.shape[1:3]
-        if height % 64 or width % 64:
-            raise ValueError(f"VPD needs image sides divisible by 64, got {height}x{width}")
+        if height % IMAGE_SIDE_MULTIPLE or width % IMAGE_SIDE_MULTIPLE:
+            raise ValueError(f"VPD needs image sides divisible by {IMAGE_SIDE_MULTIPLE}, got {height}x{width}")
         posterior = AutoencoderKLEncoder(self.vae, name="vae", **self._kw())(images)
         latents = (posterior.mean if self.train_vae else jax.lax.stop_gradient(posterior.mean)) * self.latent_scale
         spec = feature_spec(self.unet, (height, width), self.use_attn, self.attn_max_queries)
@@ -182,7 +184,8 @@ class VPDDepth(_VPDBase):
         height, width = images.shape[1:3]
         if height % 32 or width % 32:
             raise ValueError(f"VPDDepth needs image sides divisible by 32, got {height}x{width}")
-        padded = jnp.pad(images, ((0, 0), (0, -height % 64), (0, -width % 64), (0, 0)))
+        multiple = IMAGE_SIDE_MULTIPLE
+        padded = jnp.pad(images, ((0, 0), (0, -height % multiple), (0, -width % multiple), (0, 0)))
         context = depth_context(self._adapter(), class_embeddings, class_ids)
         features = self._features(padded, context)
         depth = DepthHead(self.max_depth, self.fusion_channels, self.num_filters, self.deconv_kernels,

@@ -26,7 +26,7 @@ from vpd_jax import inference, losses, metrics
 from vpd_jax.data.class_names import segmentation_class_names
 from vpd_jax.data.config import transform_config
 from vpd_jax.models import resize
-from vpd_jax.models.vpd import VPDDepth, VPDRefer, VPDSeg
+from vpd_jax.models.vpd import IMAGE_SIDE_MULTIPLE, VPDDepth, VPDRefer, VPDSeg
 from vpd_jax.tasks.base import Accumulator, Task, class_embeddings, scalars_and_lists, text_tokenizer
 
 
@@ -47,7 +47,8 @@ def vpd_model_config(task: str) -> ml_collections.ConfigDict:
 def vpd_eval_config(task: str) -> ml_collections.ConfigDict:
     """The config.eval section of the VPD tasks: the test protocols of the originals' test scripts.
 
-      seg_crop, seg_stride   mmseg slide windows (512 / 341); the crop's sides are multiples of 64 (check_slide_windows)
+      seg_crop, seg_stride   mmseg slide windows (512 / 341); the crop's sides are multiples of 64
+                             (check_slide_windows)
       seg_ratios             mmseg aug_test img_ratios applied to data.aug.img_scale: (1.0,) is the single-scale
                              test; inference.AUG_TEST_RATIOS (1.0 ... 1.5) with flip=True is `--aug-test`
       flip                   seg: each ratio also on the flipped image (aug_test); depth: the flip test of the
@@ -67,9 +68,9 @@ def check_slide_windows(eval_config: ml_collections.ConfigDict) -> None:
     """The segmentation test's windows (config.eval.seg_crop, seg_stride) are ones the model takes: checked when the
     task is built, so train.py and eval.py refuse them at start rather than at the first evaluation."""
     crop, stride = tuple(eval_config.seg_crop), tuple(eval_config.seg_stride)
-    if len(crop) != 2 or any(side <= 0 or side % 64 for side in crop):
-        raise ValueError(f"config.eval.seg_crop={crop}: (height, width), each a positive multiple of 64 (the VPD "
-                         "backbone's input: the VAE and the UNet halve it 6 times)")
+    if len(crop) != 2 or any(side <= 0 or side % IMAGE_SIDE_MULTIPLE for side in crop):
+        raise ValueError(f"config.eval.seg_crop={crop}: (height, width), each a positive multiple of "
+                         f"{IMAGE_SIDE_MULTIPLE} (the VPD backbone's input)")
     if len(stride) != 2 or any(step <= 0 for step in stride):
         raise ValueError(f"config.eval.seg_stride={stride}: (height, width), each positive")
 
@@ -194,7 +195,7 @@ class SegTask(_VPDTask):
                                    jnp.asarray([image.shape[:2]], jnp.int32), label_shape)
         outputs = {"labels": np.asarray(jnp.argmax(probs[0, :image.shape[0], :image.shape[1]], axis=-1))}
         if self.config.model.use_attn:
-            features = self._features(variables, jnp.asarray(_pad_to(padded, 64)), embeddings)
+            features = self._features(variables, jnp.asarray(_pad_to(padded, IMAGE_SIDE_MULTIPLE)), embeddings)
             # The maps of the 1/16 level, cropped to the part that covers the image (not its padding).
             valid = [-(-side // 16) for side in resized.shape[:2]]
             outputs["attention"] = np.asarray(features[1][0, :valid[0], :valid[1], -self.num_classes:])
