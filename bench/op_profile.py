@@ -189,15 +189,15 @@ def main(argv=None) -> None:
         result = profile_torch_train_step(args.arch, args.image)
         title = f"{args.arch} PyTorch train step, {args.image} px: {{total:.2f}} s of operators' self time"
         rows = [f"{s:9.4f} s  {kind:16s} {name}" for s, kind, name in result["operations"][:args.top]]
+        # Every operator that is no kind of its own is a kind: only the --top largest are printed.
+        kinds = list(result["kinds"].items())[:args.top]
     else:
         result = profile_train_step(args.arch, args.image, args.query_chunk, args.conv)
         title = (f"{args.arch} train step, {args.image} px, query chunk {args.query_chunk}, conv {args.conv}: "
                  "{total:.2f} CPU s in XLA operations (summed over XLA:CPU's threads)")
         rows = [f"{s:9.4f} s  {kind:16s} {shape:28s} {name}"
                 for s, kind, shape, name in result["operations"][:args.top]]
-    kinds = list(result["kinds"].items())
-    if args.framework == "pytorch":  # every operator that is no kind of its own is a kind: the --top largest
-        kinds = kinds[:args.top]
+        kinds = list(result["kinds"].items())
     total = sum(result["kinds"].values())
     print(title.format(total=total))
     for kind, s in kinds:
@@ -205,6 +205,7 @@ def main(argv=None) -> None:
     print(f"top {args.top} operations:")
     for row in rows:
         print(f"  {row}")
+
 
 if __name__ == "__main__":
     main()
