@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 GIB = 2 ** 30
+# A batch whose compiled size lies this fraction above the line through the larger batches is bound by the
+# optimizer update, not by its activations (fit_batches).
+PLATEAU_MARGIN = 0.01
 
 
 def devices_of(mesh: dict) -> int:
@@ -97,20 +100,37 @@ def per_device_bytes(memory: dict) -> int:
 
 def fit_batches(points: list[tuple[int, int]], capacities_gib: list[float], per_example: float | None = None
                 ) -> dict:
-    """Least-squares line bytes = fixed + per_example * batch through (per-device batch, bytes) points (or, with
-    `per_example` given, the line of that slope through them), and the largest integer per-device batch whose
-    predicted bytes fit each capacity (0 if even the state does not)."""
+    """The compiled size of a train step against its per-device batch, and the largest batch under each capacity.
+
+    The step's peak is the larger of two: the activations, `fixed + per_example * batch`, and the optimizer update
+    (parameters, gradients, moments and the guard's candidate at once), which does not grow with the batch. So the
+    line goes through the two largest batches, and a smaller batch that compiles above that line (by more than
+    `PLATEAU_MARGIN`) is bound by the update: its size is the plateau, listed in `plateau_batches`. With
+    `per_example` given (a mesh row compiled at one batch), it is the line of that slope through the points. The
+    largest batch under a capacity is 0 where the plateau or the state does not fit."""
+    points = sorted(points)
     b = np.array([p[0] for p in points], float)
     y = np.array([p[1] for p in points], float)
     if per_example is None:
-        per_example, fixed = np.polyfit(b, y, 1)
+        per_example = float((y[-1] - y[-2]) / (b[-1] - b[-2]))
+        fixed = float(y[-1] - per_example * b[-1])
     else:
         fixed = float(np.mean(y - per_example * b))
-    residual = float(np.max(np.abs(fixed + per_example * b - y))) if len(points) > 2 else 0.0
-    fits = {f"{cap:g}": max(0, int(np.floor((cap * GIB - fixed) / per_example))) if per_example > 0 else None
-            for cap in capacities_gib}
+    above = y - (fixed + per_example * b)
+    on_plateau = above > PLATEAU_MARGIN * y
+    plateau = float(np.max(y[on_plateau])) if on_plateau.any() else None
+    residual = float(np.max(np.abs(above[~on_plateau]))) if len(points) > 2 else 0.0
+
+    def largest_batch(cap: float) -> int | None:
+        if per_example <= 0:
+            return None
+        if plateau is not None and plateau > cap * GIB:
+            return 0
+        return max(0, int(np.floor((cap * GIB - fixed) / per_example)))
+
     return dict(fixed_bytes=float(fixed), per_example_bytes=float(per_example), max_residual_bytes=residual,
-                max_batch=fits)
+                plateau_bytes=plateau, plateau_batches=[int(x) for x in b[on_plateau]],
+                max_batch={f"{cap:g}": largest_batch(cap) for cap in capacities_gib})
 
 
 def _findings(rows: dict, decoder_flops: float) -> list[dict]:

@@ -2,14 +2,16 @@
 
   default  SD1.5-size: cases.default_cases() for the backbone, the compile-only cost of the 512 px programs and
            the memory of the VPD-seg train step (_one_factor_variants), the input pipelines on 48 full-size
-           images. Each train step of the memory table takes XLA:CPU 1-4 minutes to compile on one thread (mostly
-           code generation for its ~11,000 kernels), two at a time; so the meshes are compiled at per-device
-           batch 1 only and take their per-example slope from the 1-device row (the per-device activations do
-           not depend on how the parameters are sharded: the 2026-12-02 run, which compiled every mesh at two
-           batches, found 6.85 GiB per example on 1 device, on fsdp=8 and on data=2 x fsdp=4 alike).
-           Measured on 2026-12-06: 16 minutes on 2 cores (backbone 7.7, compile-only 8.4, input 0.2); a machine
-           of the same kind took about twice as long per compile and per step on 2026-12-02.
-  full     the same with cases.full_cases(), every remat x dtype x mesh x query chunk combination at two batches
+           images. The 1-device rows are compiled at per-device batches 1, 4 and 8: at batch 1 the step's peak
+           is the optimizer update, whatever the remat or query chunk, so the per-example line needs two larger
+           batches (with query chunks even batch 2 stays under the update's peak). Each train step takes XLA:CPU
+           1-4 minutes to compile on one thread (mostly code generation for its ~11,000 kernels), two at a
+           time; so the meshes are compiled at per-device batch 1 only and take their per-example slope from
+           the 1-device row (the per-device activations do not depend on how the parameters are sharded: the
+           2026-12-02 run, which compiled every mesh at two batches, found 6.85 GiB per example on 1 device, on
+           fsdp=8 and on data=2 x fsdp=4 alike).
+           BENCHMARKS.md's part headers say how long each part took.
+  full     the same with cases.full_cases(), every remat x dtype x mesh x query chunk combination at batches 1, 4 and 8
            and the 'updates' non-finite check
   quick    the tiny UNet (cases.tiny_cases(), 64 px), the compiled cost of the forward programs, a few input
            batches: checks the harness end to end in minutes (tests/test_bench.py). No VPD-seg train step is
@@ -33,6 +35,8 @@ PER_BLOCK_REMAT = "nothing_saveable"
 # cost section: XLA's cost analysis counts the body of the chunks' scan once.
 QUERY_CHUNK = cases_lib.QUERY_CHUNK
 ONE_DEVICE, FSDP8, DATA2_FSDP4 = {}, {"fsdp": 8}, {"data": 2, "fsdp": 4}
+# Per-device batches of the memory table: batch 1 shows the update's peak, 4 and 8 the activations' line.
+MEMORY_BATCHES = (1, 4, 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +68,7 @@ def _compiled(arch: str, image: int, train_remats: list, variants: list[dict],
               mesh_per_device_batches: list[int] | None = None) -> dict:
     spec: dict = dict(cost=dict(arch=arch, image=image, batch=1, train_remats=train_remats))
     if variants:
-        spec["memory"] = dict(arch=arch, image=image, variants=variants, per_device_batches=[1, 2],
+        spec["memory"] = dict(arch=arch, image=image, variants=variants, per_device_batches=list(MEMORY_BATCHES),
                               capacities_gib=list(CAPACITIES_GIB))
         if mesh_per_device_batches:
             spec["memory"]["mesh_per_device_batches"] = mesh_per_device_batches

@@ -45,10 +45,12 @@ cent above). **Memory** is XLA's compiled per-device memory of the real VPD-seg 
 as train.py jits it: sharded, state donated): arguments + temporaries + outputs not aliased to a donated
 argument, on XLA:CPU with 8 fake devices for the meshes and its concurrency-optimised scheduler off (that
 scheduler buys parallelism on a CPU with a quarter more peak memory; TPU and GPU schedule differently, so a
-TPU/GPU buffer assignment differs somewhat). The largest per-device batch comes from the straight line through
-the compiled sizes at two batches (rows marked * take the slope of their 1-device row), so it is an estimate:
-where the peak moves between the two (from the optimizer update at batch 1 to the activations at batch 2, as
-with the 'updates' check) the slope is too low and the batch too high. bfloat16 comes out above float32 at batch
+TPU/GPU buffer assignment differs somewhat). A step's peak is the larger of the activations, which grow with the
+batch, and the optimizer update (parameters, gradients, both moments and the guard's candidate at once), which
+does not: *fixed* and *per example* are the straight line through the two largest batches, a smaller batch that
+compiles above that line (marked †) is bound by the update, and the largest per-device batch under a capacity
+is where the line reaches it, or 0 where the update does not fit (rows marked * take the slope of their 1-device
+row). The line is an estimate from the compiled sizes, not a run. bfloat16 comes out above float32 at batch
 1 on XLA:CPU: it adds bf16 copies of the weights, and the per-example activations barely shrink (XLA:CPU
 computes bf16 matmuls in float32); that row describes XLA:CPU only, not bf16 on a TPU or GPU. *query chunk* is
 `compute.attention_query_chunk` (queries per attention chunk, none = all at once); *non-finite check* is
@@ -162,20 +164,26 @@ def _compiled(part: dict, machine_now: str) -> list[str]:
         rows, borrowed = [], False
         for r in memory["rows"]:
             mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items()) or "1 device"
-            at = {p["per_device_batch"]: p["per_device_bytes"] for p in r["points"]}
+            plateau = set(r.get("plateau_batches", ()))
+            at = {p["per_device_batch"]: _gib(p["per_device_bytes"]) + ("†" if p["per_device_batch"] in plateau else "")
+                  for p in r["points"]}
             star = "*" if r.get("per_example_from") == "1 device" else ""
             borrowed |= bool(star)
             rows.append([mesh, r["dtype"], r["remat"] or "none", r["attention_query_chunk"] or "none",
-                         r["nonfinite_check"], *(_gib(at.get(b)) for b in batches),
+                         r["nonfinite_check"], *(at.get(b, _gib(None)) for b in batches),
                          _gib(r["points"][0]["argument_size_in_bytes"]), _gib(r["fixed_bytes"]),
-                         _gib(r["per_example_bytes"]) + star, *(r["max_batch"][c] for c in caps)])
+                         _gib(r["per_example_bytes"]) + star,
+                         *("–" if r["max_batch"][c] is None else r["max_batch"][c] for c in caps)])
         out.append(table(["mesh", "compute", "remat", "query chunk", "non-finite check",
                           *(f"batch {b}" for b in batches), "of which arguments (b1)",
                           "fixed", "per example", *(f"max batch {c} GiB" for c in caps)], rows))
+        if any(r.get("plateau_batches") for r in memory["rows"]):
+            out += ["", "† above the line through the larger batches: the peak there is the optimizer update, not "
+                    "the activations."]
         if borrowed:
             out += ["", "\\* compiled at one per-device batch; per example from the 1-device row of the same "
                     "dtype, remat and query chunk (the per-device activations do not depend on how the parameters "
-                    "are sharded), fixed = the compiled size minus that. `--full` compiles two batches everywhere."]
+                    "are sharded), fixed = the compiled size minus that. `--full` compiles every row at several batches."]
     return out
 
 

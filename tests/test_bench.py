@@ -115,6 +115,31 @@ def test_fit_batches_gives_the_largest_batch_under_each_capacity():
     fit = fit_batches([(1, 5 * GIB), (2, 7 * GIB)], [16, 80])  # 3 GiB fixed + 2 GiB per example
     assert fit["fixed_bytes"] == pytest.approx(3 * GIB) and fit["per_example_bytes"] == pytest.approx(2 * GIB)
     assert fit["max_batch"] == {"16": 6, "80": 38}
+    assert fit["plateau_batches"] == [] and fit["plateau_bytes"] is None
+
+
+def test_a_batch_bound_by_the_update_is_a_plateau_not_a_point_of_the_line():
+    # 12 GiB fixed + 2 GiB per example from batch 4 on; at batch 1 the update's 17 GiB is the peak (line: 14)
+    fit = fit_batches([(8, 28 * GIB), (1, 17 * GIB), (4, 20 * GIB)], [16, 18, 80])
+    assert fit["fixed_bytes"] == pytest.approx(12 * GIB) and fit["per_example_bytes"] == pytest.approx(2 * GIB)
+    assert fit["plateau_batches"] == [1] and fit["plateau_bytes"] == 17 * GIB
+    assert fit["max_batch"] == {"16": 0, "18": 3, "80": 34}  # under 16 GiB the update itself does not fit
+    # a smaller batch below the line is no plateau; how far it is off is the residual
+    fit = fit_batches([(1, 13.5 * GIB), (4, 20 * GIB), (8, 28 * GIB)], [80])
+    assert fit["plateau_batches"] == [] and fit["max_residual_bytes"] == pytest.approx(0.5 * GIB)
+    assert fit["max_batch"] == {"80": 34}
+
+    points = [dict(per_device_batch=b, per_device_bytes=y * GIB, argument_size_in_bytes=9 * GIB)
+              for b, y in ((1, 17), (4, 20), (8, 28))]
+    row = dict(variant(attention_query_chunk=128), devices=1, points=points,
+               **fit_batches([(1, 17 * GIB), (4, 20 * GIB), (8, 28 * GIB)], [16, 80]))
+    text = report.render(dict(command="python -m bench.run", mode="default", device="cpu", machine=machine.describe(),
+                              parts={"compiled": dict(memory=dict(arch="sd15", image=512, capacities_gib=[16, 80],
+                                                                  rows=[row]))}))
+    assert "| batch 1 | batch 4 | batch 8 |" in text
+    assert "| 1 device | float32 | none | 128 | gradients | 17.00† | 20.00 | 28.00 | 9.00 | 12.00 | 2.00 | 0 | 34 |" \
+        in text
+    assert "† above the line through the larger batches" in text
 
 
 def _fake_step(key: dict) -> dict:
