@@ -685,24 +685,26 @@ TINY_SD_VAE = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm
 RELU_MARGIN = 1e-5
 
 
-def relu_margin(task, trainer, state, batch, constants) -> float:
-    """The smallest |input| of the head's ReLUs (each follows a batch norm, so in normalised units) in the
-    train-mode forward of `batch`. ReLU is the only kink of the seg model: an input closer to 0 than float32's
-    rounding may fall on either side in two equally correct computations of the step (e.g. sharded and unsharded),
-    and where the map is small (the 1x1 to 4x4 levels of a 64 px crop) that one element moves the gradient of its
-    channel and of everything upstream by per cent."""
-    variables = {"params": trainer.info.merge(state["params"], state["frozen"]), "batch_stats": state["batch_stats"]}
-
+def relu_margin(task, trainer) -> Callable[[dict, dict, dict], float]:
+    """(state, batch, constants) -> the smallest |input| of the head's ReLUs (each follows a batch norm, so in
+    normalised units) in the train-mode forward of `batch`. ReLU is the only kink of the seg model: an input closer
+    to 0 than float32's rounding may fall on either side in two equally correct computations of the step (e.g.
+    sharded and unsharded), and where the map is small (the 1x1 to 4x4 levels of a 64 px crop) that one element
+    moves the gradient of its channel and of everything upstream by per cent."""
     @jax.jit
-    def forward(variables, batch, constants):
+    def smallest(variables, batch, constants):
         with task.compute.trace_scope():
             _, captured = task.model.apply(variables, *task.model_args(batch, constants), train=True,
                                            rngs={"dropout": jax.random.key(0)},
                                            mutable=["batch_stats", "intermediates"],
                                            capture_intermediates=lambda module, _: isinstance(module, BatchNorm))
-        return [jnp.min(jnp.abs(x)) for x in jax.tree.leaves(captured["intermediates"])]
+        return jnp.min(jnp.stack([jnp.min(jnp.abs(x)) for x in jax.tree.leaves(captured["intermediates"])]))
 
-    return float(min(jax.device_get(forward(variables, batch, constants))))
+    def margin(state, batch, constants) -> float:
+        variables = {"params": trainer.info.merge(state["params"], state["frozen"]),
+                     "batch_stats": state["batch_stats"]}
+        return float(smallest(variables, batch, constants))
+    return margin
 
 
 @pytest.fixture(scope="module")
@@ -771,10 +773,10 @@ def test_pretrained_init_sharded_step_equals_unsharded(sd_root, data_dir, tmp_pa
     single = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     reference = build_trainer(config, task, single)
     # The first of the next few batches none of whose ReLU inputs lies within rounding of the kink (relu_margin).
-    margins = []
+    margins, margin = [], relu_margin(task, reference)
     with jax.set_mesh(single), nn.logical_axis_rules(reference.rules):
         for batch in train_iter:
-            margins.append(relu_margin(task, reference, host0, batch, task.constants))
+            margins.append(margin(host0, batch, task.constants))
             if margins[-1] >= RELU_MARGIN or len(margins) == 8:
                 break
     assert margins[-1] >= RELU_MARGIN, f"every batch has a ReLU input within {RELU_MARGIN} of 0: {margins}"
