@@ -165,8 +165,10 @@ def _compiled(part: dict, machine_now: str) -> list[str]:
         for r in memory["rows"]:
             mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items()) or "1 device"
             plateau = set(r.get("plateau_batches", ()))
-            at = {p["per_device_batch"]: _gib(p["per_device_bytes"]) + ("†" if p["per_device_batch"] in plateau else "")
-                  for p in r["points"]}
+            at = {}  # per-device batch -> its cell
+            for p in r["points"]:
+                b = p["per_device_batch"]
+                at[b] = _gib(p["per_device_bytes"]) + ("†" if b in plateau else "")
             star = "*" if r.get("per_example_from") == "1 device" else ""
             borrowed |= bool(star)
             rows.append([mesh, r["dtype"], r["remat"] or "none", r["attention_query_chunk"] or "none",
@@ -183,7 +185,8 @@ def _compiled(part: dict, machine_now: str) -> list[str]:
         if borrowed:
             out += ["", "\\* compiled at one per-device batch; per example from the 1-device row of the same "
                     "dtype, remat and query chunk (the per-device activations do not depend on how the parameters "
-                    "are sharded), fixed = the compiled size minus that. `--full` compiles every row at several batches."]
+                    "are sharded), fixed = the compiled size minus that. `--full` compiles every row at several "
+                    "batches."]
     return out
 
 
