@@ -48,14 +48,26 @@ def _framework_row(result: dict) -> dict:
     return {**{k: v for k, v in result.items() if k != "cases"}, **result["cases"][0]}
 
 
+def pytorch_skip_reason(plan: Plan, case: cases_lib.Case, device: str, cpu_flags: list[str]) -> str | None:
+    """Why PyTorch does not run `case`, or None. On a CPU without native bfloat16, PyTorch's autocast emulates it
+    and the SD1.5 bfloat16 cases take hours; the JAX side still runs.
+    The tiny UNet of --quick is cheap either way and keeps both sides."""
+    if device == "cpu" and case.dtype == "bfloat16" and plan.mode != "quick" and not machine.native_bfloat16(cpu_flags):
+        return (f"skipped: this CPU has none of {', '.join(machine.NATIVE_BF16_FLAGS)}, so PyTorch's bfloat16 "
+                "autocast is emulated (over 10 minutes per 256 px forward)")
+    return None
+
+
 def run_backbone(plan: Plan, device: str, threads: int, torch_skip_reason: str | None) -> dict:
     rows, torch_rows = [], {}
+    flags = machine.cpu_flags()
     for case in plan.cases:
         spec = backbone_spec(plan, case, device, threads)
         log(f"backbone {case.name}: JAX")
         jax_row = _framework_row(call_worker("jax", dict(spec, xla_flags=plan.jax_xla_flags)))
-        if torch_skip_reason:
-            torch_row = dict(error=torch_skip_reason)
+        skip = torch_skip_reason or pytorch_skip_reason(plan, case, device, flags)
+        if skip:
+            torch_row = dict(error=skip)
         elif case.pytorch_case in torch_rows:  # a JAX-only variant of a case PyTorch has run
             torch_row = torch_rows[case.pytorch_case]
         else:

@@ -111,6 +111,24 @@ def test_jax_only_variants_are_named_and_share_the_pytorch_case():
     assert sum(c.conv == "xla" for c in cases.default_cases()) == 1
 
 
+def test_pytorch_bfloat16_is_skipped_only_on_a_cpu_that_would_emulate_it():
+    from bench.plan import make_plan
+    from bench.run import pytorch_skip_reason
+
+    default, quick = make_plan("default"), make_plan("quick")
+    bf16 = next(c for c in default.cases if c.dtype == "bfloat16")
+    fp32 = next(c for c in default.cases if c.dtype == "float32")
+    avx2, avx512_bf16 = ["avx2", "fma"], ["avx2", "fma", "avx512f", "avx512_bf16"]
+    reason = pytorch_skip_reason(default, bf16, "cpu", avx2)
+    assert reason and "avx512_bf16" in reason and "emulated" in reason
+    assert pytorch_skip_reason(default, bf16, "cpu", avx512_bf16) is None
+    assert pytorch_skip_reason(default, bf16, "cpu", ["avx2", "amx_bf16"]) is None
+    assert pytorch_skip_reason(default, fp32, "cpu", avx2) is None
+    assert pytorch_skip_reason(default, bf16, "accelerator", avx2) is None
+    tiny_bf16 = next(c for c in quick.cases if c.dtype == "bfloat16")
+    assert pytorch_skip_reason(quick, tiny_bf16, "cpu", avx2) is None
+
+
 def test_fit_batches_gives_the_largest_batch_under_each_capacity():
     fit = fit_batches([(1, 5 * GIB), (2, 7 * GIB)], [16, 80])  # 3 GiB fixed + 2 GiB per example
     assert fit["fixed_bytes"] == pytest.approx(3 * GIB) and fit["per_example_bytes"] == pytest.approx(2 * GIB)
