@@ -89,8 +89,13 @@ def _part_header(title: str, part: dict, machine_now: str) -> list[str]:
 
 
 def _errors(items: Iterable[tuple[str, dict]]) -> list[str]:
-    lines = [f"- **{name}**: {row['error']}" for name, row in items if "error" in row]
-    return ["", "Failed:", "", *lines] if lines else []
+    """The rows that did not run, under "Skipped:" (a reason starting with 'skipped') or "Failed:"."""
+    items, out = list(items), []
+    for heading, skipped in (("Failed:", False), ("Skipped:", True)):
+        lines = [f"- **{name}**: {row['error']}" for name, row in items
+                 if "error" in row and row["error"].startswith("skipped") == skipped]
+        out += ["", heading, "", *lines] if lines else []
+    return out
 
 
 def _backbone(part: dict, machine_now: str) -> list[str]:

@@ -129,6 +129,14 @@ def test_pytorch_bfloat16_is_skipped_only_on_a_cpu_that_would_emulate_it():
     assert pytorch_skip_reason(quick, tiny_bf16, "cpu", avx2) is None
 
 
+def test_report_lists_skipped_cases_apart_from_failed_ones():
+    lines = report._errors([("a (pytorch)", dict(error="skipped: no native bfloat16")), ("b (jax)", dict(x=1)),
+                            ("c (jax)", dict(error="bench.worker jax was killed by signal 9"))])
+    assert lines == ["", "Failed:", "", "- **c (jax)**: bench.worker jax was killed by signal 9",
+                     "", "Skipped:", "", "- **a (pytorch)**: skipped: no native bfloat16"]
+    assert report._errors([("a (pytorch)", dict(error="skipped: no native bfloat16"))])[1] == "Skipped:"
+
+
 def test_fit_batches_gives_the_largest_batch_under_each_capacity():
     fit = fit_batches([(1, 5 * GIB), (2, 7 * GIB)], [16, 80])  # 3 GiB fixed + 2 GiB per example
     assert fit["fixed_bytes"] == pytest.approx(3 * GIB) and fit["per_example_bytes"] == pytest.approx(2 * GIB)
