@@ -4,9 +4,9 @@ In-process (8 fake CPU devices): optimizer groups on the real model trees; the n
 train step sharded over (data 2, fsdp 2, tensor 2) equal to the unsharded one; `config.init` loading straight into
 the sharded state; failures at start.
 
-Subprocesses (train.py, eval.py, tests/run/train_worker.py): few-step and one-step runs of each task's smoke config,
-eval.py reproducing the in-training evaluation, SIGKILL-and-resume, the non-finite policies in a real run, two
-processes against one, an incompatible workdir.
+Subprocesses (train.py, eval.py, tests/run/train_worker.py): few-step runs of each task's smoke config and one
+with intervals longer than the run, eval.py reproducing the in-training evaluation, SIGKILL-and-resume, the
+non-finite policies in a real run, two processes against one, an incompatible workdir.
 
 Cost. Nearly all the time is XLA compilation (and tracing) of the tiny SD-shaped models. The subprocesses share a
 persistent compilation cache (a fresh directory per test session), so a program is compiled once per session
@@ -318,8 +318,13 @@ def job_task(task: str, overrides: tuple = ()) -> Callable[[SmokeRuns], TaskRun]
     return job
 
 
-def job_one_step(runs: SmokeRuns) -> tuple[Path, Run]:
-    return runs.train("seg_1step", "seg", "--config.total_steps=1")
+# Log and checkpoint intervals longer than the run (smoke: 4 steps); the train and eval programs are the reference
+# seg run's, which this run follows (it compiles nothing new).
+LONG_INTERVALS = ("--config.log_every=5", "--config.ckpt_every=5")
+
+
+def job_long_intervals(runs: SmokeRuns) -> tuple[Path, Run]:
+    return runs.train("seg_long_intervals", "seg", *LONG_INTERVALS)
 
 
 @dataclasses.dataclass
@@ -414,7 +419,7 @@ JOBS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "kill_in_save": (job_kill_during_async_save, ("seg",)),
     "nan_stop": (job_nonfinite("stop"), ("seg",)),
     "nan_skip": (job_nonfinite("skip"), ("seg",)),
-    "seg_1step": (job_one_step, ("seg",)),
+    "seg_long_intervals": (job_long_intervals, ("seg",)),
 }
 
 
@@ -880,18 +885,26 @@ def test_few_step_run_then_eval_py(runs, task):
 
 
 @pytest.mark.slow
-@uses_runs("seg_1step")
-def test_one_step_run(runs):
-    """total_steps=1, below the log and checkpoint intervals: the one step is still logged, checkpointed (forced)
-    and evaluated. (The trainer's loop is the same for every task; test_few_step_run_then_eval_py runs each.)"""
-    workdir, run = runs.result("seg_1step")
+@uses_runs("seg", "seg_long_intervals")
+def test_a_run_shorter_than_its_intervals_logs_checkpoints_and_evaluates_its_last_step(runs):
+    """log_every = ckpt_every = 5 over a 4-step run: the last step is still logged (the mean loss of the 4 steps),
+    checkpointed (forced) and evaluated, and the intervals change nothing in training: the state and evaluation
+    equal the reference seg run's (log_every 1, ckpt_every 2) bit for bit. (The trainer's loop is the same for
+    every task; test_few_step_run_then_eval_py runs each.)"""
+    workdir, run = runs.result("seg_long_intervals")
     run.check()
-    assert checkpoint_steps(workdir) == [1]
-    assert int(read_state(workdir, 1)["step"]) == 1
-    lines = metrics_lines(workdir)
-    assert [line["step"] for line in lines if "train/loss" in line] == [1]
-    assert [line["step"] for line in lines if any(k.startswith("eval/") for k in line)] == [1]
-    assert json.loads((workdir / "eval_1.json").read_text())["step"] == 1
+    reference = runs.result("seg")
+    assert checkpoint_steps(workdir) == [SMOKE_STEPS]
+    assert_trees_equal(read_state(workdir, SMOKE_STEPS), read_state(reference.workdir, SMOKE_STEPS),
+                       "state at the last step vs the reference run")
+    lines, reference_lines = metrics_lines(workdir), metrics_lines(reference.workdir)
+    train = [line for line in lines if "train/loss" in line]
+    assert [line["step"] for line in train] == [SMOKE_STEPS]
+    reference_losses = [line["train/loss"] for line in reference_lines if "train/loss" in line]
+    assert len(reference_losses) == SMOKE_STEPS
+    assert train[0]["train/loss"] == pytest.approx(np.mean(reference_losses), rel=1e-6)
+    assert [line["step"] for line in lines if any(k.startswith("eval/") for k in line)] == [SMOKE_STEPS]
+    assert json.loads((workdir / f"eval_{SMOKE_STEPS}.json").read_text()) == reference.train_eval
 
 
 def _check_resumed_like_reference(runs: SmokeRuns, kill: KillRun) -> None:
