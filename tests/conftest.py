@@ -22,6 +22,10 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".s
 
 import jax  # noqa: E402
 
+# --cpu-report=FILE (tests/helpers/cpu_report.py): pytest finds these hooks by their names in this module.
+from tests.helpers.cpu_report import (pytest_addoption, pytest_configure, pytest_runtest_protocol,  # noqa: E402,F401
+                                      pytest_terminal_summary)
+
 # Must happen before the backend initialises; tests that need a mesh use jax.devices()[:8].
 jax.config.update("jax_num_cpu_devices", 8)
 
