@@ -22,9 +22,13 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".s
 
 import jax  # noqa: E402
 
+from tests.helpers import cpu_report  # noqa: E402
+
 # --cpu-report=FILE (tests/helpers/cpu_report.py): pytest finds these hooks by their names in this module.
-from tests.helpers.cpu_report import (pytest_addoption, pytest_configure, pytest_runtest_protocol,  # noqa: E402,F401
-                                      pytest_terminal_summary)
+pytest_addoption = cpu_report.pytest_addoption
+pytest_configure = cpu_report.pytest_configure
+pytest_runtest_protocol = cpu_report.pytest_runtest_protocol
+pytest_terminal_summary = cpu_report.pytest_terminal_summary
 
 # Must happen before the backend initialises; tests that need a mesh use jax.devices()[:8].
 jax.config.update("jax_num_cpu_devices", 8)
