@@ -104,8 +104,8 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def native_bfloat16(flags: list[str]) -> bool:
-    """Whether a CPU with these flags computes bfloat16 matmuls natively. Without it PyTorch's autocast emulates
-    them, and one SD1.5 forward at 256 px takes over 10 minutes on 2 cores (AMD EPYC with AVX2 only, 2026-12-07)."""
+    """Whether a CPU with these flags computes bfloat16 matmuls natively; without it PyTorch's autocast emulates
+    them, many times slower than float32 (README, "Speed and memory")."""
     return any(f in flags for f in NATIVE_BF16_FLAGS)
 
 

@@ -50,11 +50,11 @@ def _framework_row(result: dict) -> dict:
 
 def pytorch_skip_reason(plan: Plan, case: cases_lib.Case, device: str, cpu_flags: list[str]) -> str | None:
     """Why PyTorch does not run `case`, or None. On a CPU without native bfloat16, PyTorch's autocast emulates it
-    and the SD1.5 bfloat16 cases take hours; the JAX side still runs.
-    The tiny UNet of --quick is cheap either way and keeps both sides."""
+    and an SD1.5 bfloat16 case outlasts the rest of the run (README, "Speed and memory"); the JAX side still runs. The
+    tiny UNet of --quick is cheap either way and keeps both sides."""
     if device == "cpu" and case.dtype == "bfloat16" and plan.mode != "quick" and not machine.native_bfloat16(cpu_flags):
         return (f"skipped: this CPU has none of {', '.join(machine.NATIVE_BF16_FLAGS)}, so PyTorch's bfloat16 "
-                "autocast is emulated (over 10 minutes per 256 px forward)")
+                "autocast would be emulated, many times slower than float32")
     return None
 
 
