@@ -658,6 +658,7 @@ def test_bad_overrides_fail_at_flag_parsing():
     ({"model.class_embeddings": ""}, r"config\.model\.class_embeddings is empty"),
     ({"model.class_embeddings": "/nonexistent/ce.npy"}, r"config\.model\.class_embeddings='/nonexistent/ce\.npy'"),
     ({"nonfinite": "ignore"}, r"config\.nonfinite='ignore'"),
+    ({"init_rng": "mt19937"}, r"config\.init_rng='mt19937'; use one of"),
     ({"ckpt_every": 0}, r"config\.ckpt_every=0 must be positive"),
     ({"eval.seg_crop": (64, 96)}, r"config\.eval\.seg_crop=\(64, 96\): .* multiple of 64"),
     ({"eval.seg_stride": (32, 0)}, r"config\.eval\.seg_stride=\(32, 0\): \(height, width\), each positive"),

@@ -3,6 +3,9 @@ their task and paper need. Field meanings:
 
   task                 a task of vpd_jax.tasks.registry: 'seg' | 'depth' | 'refer' | 'ldznet' | 'probe'
   seed                 parameter init and dropout (the input pipeline has its own, data.seed)
+  init_rng             the generator of the initial parameters: 'threefry2x32' (JAX's default) or 'hash' (the
+                       same distributions from a generator XLA compiles far faster: vpd_jax/run/init_rng.py; the CPU
+                       smoke configs use it)
   init                 pretrained Stable Diffusion weights: a diffusers pipeline root or a CompVis file
   resume               another run's checkpoint directory (or one step directory) to start from (a workdir that has
                        checkpoints resumes its own: its data stream continues, so the data, batch size and number
@@ -83,6 +86,7 @@ def base_config(task: str, data_name: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = task
     c.seed = 0
+    c.init_rng = "threefry2x32"
     c.init = ""
     c.resume = ""
     c.model = cls.model_config()

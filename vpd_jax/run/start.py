@@ -35,6 +35,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from vpd_jax import parallel
 from vpd_jax.run import checkpoint
+from vpd_jax.run.init_rng import init_key
 from vpd_jax.run.setup import text_encoder_path
 from vpd_jax.run.trainer import Trainer
 from vpd_jax.tasks.base import Task
@@ -118,7 +119,7 @@ def start_state(config, trainer: Trainer, ckpt: checkpoint.Checkpointer, train_i
     create = jax.jit(trainer.create_state, out_shardings=trainer.state_shardings)
     try:
         return restore_or_initialize(
-            ckpt, abstract_state=trainer.abstract_state, init_fn=lambda: create(jax.random.key(config.seed)),
+            ckpt, abstract_state=trainer.abstract_state, init_fn=lambda: create(init_key(config.seed, config.init_rng)),
             data_iterator=train_iter, resume=config.resume, init=config.init,
             load_init=lambda state, path: load_pretrained(trainer, state, path, pretrained))
     except checkpoint.CheckpointMismatchError as err:

@@ -27,6 +27,7 @@ from vpd_jax.data.config import family
 from vpd_jax.parallel import device_batch
 from vpd_jax.run import checkpoint, evaluation, logs, start
 from vpd_jax.run.best import BestCheckpoint
+from vpd_jax.run.init_rng import check_init_rng
 from vpd_jax.run.setup import check_batch_sizes, setup
 from vpd_jax.run.trainer import NONFINITE_COUNTERS, Trainer
 
@@ -116,6 +117,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | None = None) 
     for key in ("eval_every", "eval_max_batches", "eval_panels", "steps_per_epoch"):
         if config[key] < 0:
             raise ValueError(f"config.{key}={config[key]} must be 0 or more")
+    check_init_rng(config.init_rng)
     check_batch_sizes(config, jax.process_count())
     for key in ("init", "resume"):
         if config[key] and not os.path.exists(config[key]):
