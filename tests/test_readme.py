@@ -19,7 +19,8 @@ from tests.test_configs import get_config
 REPO = Path(__file__).resolve().parents[1]
 # The argparse tools: --help checks the module and its entry point (they take no config).
 ARGPARSE_TOOLS = ("vpd_jax.data.prepare", "vpd_jax.apps.class_embeddings", "bench.run", "bench.attention_kernels",
-                  "bench.vae_latent_probe", "bench.matmul_precision", "bench.op_profile")
+                  "bench.vae_latent_probe", "bench.matmul_precision", "bench.op_profile",
+                  "bench.init_compile")
 
 
 def readme_commands() -> list[str]:
