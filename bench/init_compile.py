@@ -12,14 +12,20 @@ command was given (`XLA_FLAGS`): the defaults are train.py's on a CPU; the test 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
 import sys
 import time
 
+import flax.linen as nn
+import jax
+import jax.experimental.serialize_executable
+
 from bench import machine
-from vpd_jax.run.init_rng import INIT_RNGS
+from vpd_jax.run.init_rng import INIT_RNGS, init_key
+from vpd_jax.run.setup import setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = ("vpd_seg_ade20k.py:smoke", "vpd_depth_nyu.py:smoke", "vpd_refer.py:smoke")
@@ -27,19 +33,9 @@ DEFAULT_CONFIGS = ("vpd_seg_ade20k.py:smoke", "vpd_depth_nyu.py:smoke", "vpd_ref
 
 def measure(config_arg: str, program: str, init_rng: str) -> dict:
     """Lower + compile seconds of one program ('init' or 'train_step') of `config_arg` in this process."""
-    import importlib
-
-    import flax.linen as nn
-    import jax
-    import jax.experimental.serialize_executable
-
-    from vpd_jax.run.init_rng import init_key
-    from vpd_jax.run.setup import setup
-
     name, _, arg = config_arg.partition(":")
     config = importlib.import_module(f"configs.{name.removesuffix('.py')}").get_config(arg or None)
     config.init_rng = init_rng
-    config.mesh.data = 1
     trainer = setup(config, devices=jax.devices()[:1]).trainer
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
         start = time.perf_counter()

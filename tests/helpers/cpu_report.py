@@ -40,14 +40,16 @@ def _cpu_seconds() -> tuple[float, float]:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     path = item.config.getoption("--cpu-report")
+    if not path:
+        yield
+        return
     (own, children), start = _cpu_seconds(), time.perf_counter()
     yield
-    if path:
-        (own_end, children_end), end = _cpu_seconds(), time.perf_counter()
-        line = dict(test=item.nodeid, wall_s=round(end - start, 3), cpu_s=round(own_end - own, 3),
-                    subprocess_cpu_s=round(children_end - children, 3))
-        with open(path, "a") as f:  # one short line per write: lines from the workers do not interleave
-            f.write(json.dumps(line) + "\n")
+    (own_end, children_end), end = _cpu_seconds(), time.perf_counter()
+    line = dict(test=item.nodeid, wall_s=round(end - start, 3), cpu_s=round(own_end - own, 3),
+                subprocess_cpu_s=round(children_end - children, 3))
+    with open(path, "a") as f:  # one short line per write: lines from the workers do not interleave
+        f.write(json.dumps(line) + "\n")
 
 
 def per_file(path: str) -> dict[str, dict[str, float]]:

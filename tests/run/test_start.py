@@ -1,8 +1,12 @@
-"""vpd_jax/run/start.py: what reaches the pretrained-weight loaders."""
+"""vpd_jax/run/start.py: what reaches the pretrained-weight loaders, and the key a scratch start draws from."""
+import jax
+import ml_collections
+import numpy as np
 import pytest
 
 from tests.tasks.test_ldznet import tiny_config, TINY
-from vpd_jax.run import start
+from vpd_jax.run import checkpoint, start
+from vpd_jax.run.init_rng import init_key
 from vpd_jax.tasks.registry import make_task
 
 
@@ -27,13 +31,6 @@ def test_ldznet_compvis_unet_picks_the_unet_copy_config_init_is_read_with(copy, 
 @pytest.mark.parametrize("init_rng", ["threefry2x32", "hash"])
 def test_a_scratch_start_initialises_from_the_key_of_config_seed_and_init_rng(init_rng, tmp_path):
     """start_state hands the trainer's initialiser init_key(config.seed, config.init_rng)."""
-    import jax
-    import ml_collections
-    import numpy as np
-
-    from vpd_jax.run import checkpoint
-    from vpd_jax.run.init_rng import init_key
-
     class Trainer:  # what start_state reads of a trainer, for a state that is just the key's data
         state_shardings = None
         abstract_state = None
