@@ -72,8 +72,12 @@ class Trainer:
     batch_sharding: NamedSharding
     replicated: NamedSharding
 
+    def initial_variables(self, rng: jax.Array) -> dict:
+        """The model's freshly initialised variables ('params', maybe 'batch_stats'), unboxed."""
+        return nn.meta.unbox(self.task.init_variables(rng, self.example, self.task.constants))
+
     def create_state(self, rng: jax.Array) -> dict:
-        variables = nn.meta.unbox(self.task.init_variables(rng, self.example, self.task.constants))
+        variables = self.initial_variables(rng)
         return self.state_from_variables(variables["params"], variables.get("batch_stats", {}))
 
     def state_from_variables(self, params: dict, batch_stats: dict) -> dict:
@@ -95,7 +99,7 @@ class Trainer:
             return self.task.loss(output, batch), new_stats
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = _tree_norm(grads)
         lr = self.info.lr_at_step(step)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
         (params, opt_state), finite = self._guarded_update(grads, state, finite)
@@ -105,7 +109,7 @@ class Trainer:
 
         new_state = dict(step=step + 1, params=params, frozen=state["frozen"], batch_stats=batch_stats,
                          opt_state=opt_state, **count_nonfinite(state, finite, step + 1))
-        metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(new_state["params"]),
+        metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=_tree_norm(new_state["params"]),
                        lr=lr)
         return new_state, metrics
 
@@ -128,6 +132,7 @@ class Trainer:
         moments and parameters live side by side, about one more copy of the trainable parameters at the step's
         peak on any backend (`python -m bench.run --full` measures both).
         """
+        @jax.jit  # traced once for both passes (_tree_norm)
         def update(params, opt_state, grads):
             updates, opt_state = self.tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
@@ -135,12 +140,12 @@ class Trainer:
         old = (state["params"], state["opt_state"])
         if self.config.nonfinite_check == "updates":
             new = update(*old, grads)
-            finite = finite & jnp.isfinite(optax.tree.norm(new[0]))
+            finite = finite & jnp.isfinite(_tree_norm(new[0]))
             return _keep_if(finite, new, old), finite
         # The barrier (it renames the inputs, copies nothing) keeps XLA from merging the first pass with the update
         # under the cond; merged, XLA:CPU kept more of the first pass's results alive until the cond.
         first_pass_inputs = jax.lax.optimization_barrier((*old, grads))
-        finite = finite & jnp.isfinite(optax.tree.norm(update(*first_pass_inputs)[0]))
+        finite = finite & jnp.isfinite(_tree_norm(update(*first_pass_inputs)[0]))
         return jax.lax.cond(finite, update, lambda p, o, g: (p, o), *old, grads), finite
 
     def jit_train_step(self):
@@ -148,6 +153,13 @@ class Trainer:
         return jax.jit(self.train_step, donate_argnums=(0,),
                        in_shardings=(self.state_shardings, self.batch_sharding, constants_sharding),
                        out_shardings=(self.state_shardings, self.replicated))
+
+
+# The parameter-wise work of a train step, jitted so that a step traces it once however often it calls it (the
+# guard's two passes of the update, the norms of the gradients and of the parameters before and after): a nested
+# jit is inlined by XLA, so the compiled step is the same, but tracing a few hundred leaves' optimizer arithmetic
+# is a large part of the step's trace time, paid again at every start of a run.
+_tree_norm = jax.jit(optax.tree.norm)
 
 
 def _keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
