@@ -199,7 +199,8 @@ def test_an_sd_checkpoint_loads_into_the_frozen_parts(tmp_path):
     """config.init = a (tiny) diffusers pipeline: the trainer's strict pretrained path fills the frozen UNet, VAE and
     CLIP with the checkpoint's values, and the text tower's config comes from the checkpoint."""
     from tests.apps.test_zeroshot import save_tiny_sd_pipeline
-    from vpd_jax.run.start import load_pretrained
+    from vpd_jax.run.init_rng import init_key
+    from vpd_jax.run.start import pretrained_state
     from vpd_jax.weights import load_text_encoder, load_unet, load_vae
 
     root = save_tiny_sd_pipeline(str(tmp_path / "sd"))
@@ -212,11 +213,8 @@ def test_an_sd_checkpoint_loads_into_the_frozen_parts(tmp_path):
     assert task.arch.text.hidden_size == 32 and task.tokenizer([""], 8).shape == (1, 8)
     mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
     trainer = build_trainer(config, task, mesh)
-    abstract = nn.meta.unbox(jax.eval_shape(task.init_variables, jax.random.key(0), trainer.example, {}))["params"]
-    trainable, frozen = trainer.info.split(host_init(abstract))
-    state = {"params": trainable, "frozen": frozen, "batch_stats": {}}
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
-        loaded = load_pretrained(trainer, state, root)
+        loaded = pretrained_state(trainer, init_key(config.seed, config.init_rng), root)
     for name, loader in (("unet", load_unet), ("vae", load_vae), ("text_encoder", load_text_encoder)):
         reference = flatten_dict(loader(root)[1])
         ours = flatten_dict(loaded["frozen"][name])

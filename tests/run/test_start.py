@@ -1,12 +1,21 @@
-"""vpd_jax/run/start.py: what reaches the pretrained-weight loaders, and the key a scratch start draws from."""
+"""vpd_jax/run/start.py: what reaches the pretrained-weight loaders, the key a scratch start draws from, and what
+a start from pretrained weights draws."""
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
 
+from tests.helpers.tasks import smoke_config
+from tests.reference_models import save_pipeline, save_tiny_unet, save_tiny_vae
+from tests.run.test_train import TINY_SD_UNET, TINY_SD_VAE
 from tests.tasks.test_ldznet import tiny_config, TINY
+from vpd_jax import parallel
 from vpd_jax.run import checkpoint, start
 from vpd_jax.run.init_rng import init_key
+from vpd_jax.run.setup import resolve_architecture
+from vpd_jax.run.trainer import build_trainer
 from vpd_jax.tasks.registry import make_task
 
 
@@ -46,3 +55,32 @@ def test_a_scratch_start_initialises_from_the_key_of_config_seed_and_init_rng(in
     np.testing.assert_array_equal(started.state["key_data"], jax.random.key_data(init_key(7, init_rng)))
     assert init_rng == "threefry2x32" or not np.array_equal(
         started.state["key_data"], jax.random.key_data(init_key(7, "threefry2x32")))
+
+
+def test_a_pretrained_start_holds_the_files_weights_and_a_scratch_starts_values_elsewhere(tmp_path):
+    """start_state with config.init (a tiny SD pipeline, seg smoke config, fsdp over 2 devices): the parameters the
+    files provide are the files' (read_pretrained), every other parameter and the batch statistics are those a
+    scratch start with the same seed and init_rng draws, bit for bit (pretrained_state draws only those), and the
+    optimizer state is built from the result as for any fresh state."""
+    root = str(tmp_path / "sd")
+    save_pipeline(root, unet=save_tiny_unet(f"{root}/unet", TINY_SD_UNET, seed=3),
+                  vae=save_tiny_vae(f"{root}/vae", seed=4, **TINY_SD_VAE))
+    config = smoke_config("seg", init=root, **{"model.arch": "init"})
+    task = make_task(config, resolve_architecture(config))
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, jax.devices()[:2])
+    trainer = build_trainer(config, task, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
+        with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+            started = start.start_state(config, trainer, ckpt, None)
+        scratch = jax.device_get(jax.jit(trainer.create_state)(init_key(config.seed, config.init_rng)))
+        loaded = start.read_pretrained(trainer, root)
+        params = flatten_dict(trainer.info.merge(scratch["params"], scratch["frozen"]))
+        assert loaded and set(loaded) < set(params)
+        params.update(loaded)
+        expected = jax.device_get(jax.jit(trainer.state_from_variables)(unflatten_dict(params),
+                                                                         scratch["batch_stats"]))
+    assert (started.source, started.step) == ("init", 0)
+    state = jax.device_get(started.state)
+    assert jax.tree.structure(state) == jax.tree.structure(expected)
+    for (path, ours), theirs in zip(jax.tree.leaves_with_path(state), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(ours, theirs, err_msg=jax.tree_util.keystr(path))

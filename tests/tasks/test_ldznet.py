@@ -139,7 +139,7 @@ def test_frozen_sd_branch_gets_no_gradient(tiny_task):
 
 
 def test_pretrained_hook_fits_the_trainer(tiny_task):
-    """run.start.load_pretrained's contract: every loaded path is a model path of the same shape, and the model paths
+    """run.start.pretrained_state's contract: every loaded path is a model path of the same shape, and the model paths
     the SD weights do not provide are exactly the ones the hook says keep their initialisation."""
     task, params, _ = tiny_task
     sd = UNet2DConditionModel(TINY_UNET)
@@ -266,13 +266,14 @@ TINY_DIFFUSERS_CLIP = dict(vocab_size=64, hidden_size=16, intermediate_size=32, 
 def test_config_init_loads_sd_weights_into_the_state(tmp_path):
     """--config.init=<SD pipeline root> with arch 'init': the trainer's pretrained loading (through the task's
     hook) fills ZNet with the SD UNet (conv_out sliced to channel 0), the frozen branch with the same UNet, the
-    VAE and CLIP from the files; the head and the injection modules keep their initialisation."""
+    VAE and CLIP from the files; the head and the injection modules, and only they, keep their initialisation."""
     from safetensors.numpy import load_file
 
     from tests.reference_models import save_pipeline, save_tiny_clip, save_tiny_unet, save_tiny_vae
     from vpd_jax import parallel
     from vpd_jax.run.setup import resolve_architecture
-    from vpd_jax.run.start import load_pretrained
+    from vpd_jax.run.init_rng import init_key
+    from vpd_jax.run.start import pretrained_state, read_pretrained
     from vpd_jax.run.trainer import build_trainer
 
     root = str(tmp_path / "sd")
@@ -288,9 +289,8 @@ def test_config_init_loads_sd_weights_into_the_state(tmp_path):
     task = registry.make_task(config, arch)
     mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
     trainer = build_trainer(config, task, mesh)
-    fresh = jax.tree.map(lambda s: jnp.full(s.shape, 7, s.dtype), trainer.abstract_state)
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
-        state = jax.device_get(load_pretrained(trainer, fresh, root))
+        state = jax.device_get(pretrained_state(trainer, init_key(config.seed, config.init_rng), root))
     params = flatten_dict(trainer.info.merge(state["params"], state["frozen"]))
 
     unet = load_file(f"{root}/unet/diffusion_pytorch_model.safetensors")
@@ -307,5 +307,5 @@ def test_config_init_loads_sd_weights_into_the_state(tmp_path):
     ours = [p for p in params if p[0] == "text_encoder" and p[-2:] == ("token_embedding", "embedding")]
     assert len(ours) == 1 and np.array_equal(params[ours[0]], clip[embedding])
     kept = {p for p in params if is_new_parameter(p)}
-    assert kept and all(np.all(params[p] == 7) for p in kept)  # the fresh state's values: not loaded
-    assert not any(np.all(params[p] == 7) for p in params if p not in kept)
+    assert kept and set(read_pretrained(trainer, root)) == set(params) - kept  # the rest is drawn
+    assert all(np.all(np.isfinite(params[p])) for p in kept)

@@ -2,7 +2,8 @@
 
   1. this workdir's latest complete checkpoint: state and data iterator, an exact continuation;
   2. `config.resume`: another run's checkpoint directory or step directory (full state; the input starts afresh);
-  3. `config.init`: pretrained Stable Diffusion weights, loaded into a freshly created state (`load_pretrained`);
+  3. `config.init`: pretrained Stable Diffusion weights, in a fresh state whose other parameters are drawn
+     (`pretrained_state`);
   4. scratch.
 
 Evaluation and predictions restore one step of a run (`restore_step`). Every state is created or restored directly
@@ -18,7 +19,7 @@ this order):
   `check_checkpoint_fits`                 its state has the model's keys and shapes (metadata only); likewise
   `check_resume_source_fits`              for config.resume's checkpoint;
   `read_pretrained`                       config.init's weights fit the model (read once, then placed by
-                                          `load_pretrained`).
+                                          `pretrained_state`).
 """
 from __future__ import annotations
 
@@ -77,12 +78,12 @@ def restore_or_initialize(
     data_iterator: Any = None,
     resume: str | None = None,
     init: str | None = None,
-    load_init: Callable[[Any, str], Any] | None = None,
+    load_init: Callable[[str], Any] | None = None,
 ) -> StartState:
     """The state to start from, in the order:
     1. the latest complete checkpoint in `checkpointer`'s directory (state and `data_iterator`: exact continuation);
     2. `resume`: another run's checkpoint directory or step directory (full state; the input stream starts afresh);
-    3. `init`: pretrained weights, `load_init(init_fn(), init)` (the caller loads them into the sharded state);
+    3. `init`: pretrained weights, `load_init(init)` (the caller builds the sharded state around them);
     4. scratch: `init_fn()`.
     `abstract_state` gives the structure, shapes and target shardings for 1 and 2. A `resume` or `init` path
     that does not exist is an error, as is a checkpoint that does not fit `abstract_state`.
@@ -105,7 +106,7 @@ def restore_or_initialize(
         if load_init is None:
             raise ValueError(f"config.init={init!r} is set but no weight loader was given")
         logging.info("initialising from pretrained weights %s", init)
-        return StartState(load_init(init_fn(), init), 0, "init", init)
+        return StartState(load_init(init), 0, "init", init)
     logging.info("initialising from scratch")
     return StartState(init_fn(), 0, "scratch")
 
@@ -117,11 +118,12 @@ def start_state(config, trainer: Trainer, ckpt: checkpoint.Checkpointer, train_i
     workdir checkpoint that does not fit the model is an error that also lists how the config it was written with
     differs from this one."""
     create = jax.jit(trainer.create_state, out_shardings=trainer.state_shardings)
+    rng = init_key(config.seed, config.init_rng)
     try:
         return restore_or_initialize(
-            ckpt, abstract_state=trainer.abstract_state, init_fn=lambda: create(init_key(config.seed, config.init_rng)),
-            data_iterator=train_iter, resume=config.resume, init=config.init,
-            load_init=lambda state, path: load_pretrained(trainer, state, path, pretrained))
+            ckpt, abstract_state=trainer.abstract_state, init_fn=lambda: create(rng), data_iterator=train_iter,
+            resume=config.resume, init=config.init,
+            load_init=lambda path: pretrained_state(trainer, rng, path, pretrained))
     except checkpoint.CheckpointMismatchError as err:
         step = ckpt.latest_step()
         saved = ckpt.restore_config(step) if step is not None else None
@@ -317,14 +319,28 @@ def read_pretrained(trainer: Trainer, path: str) -> dict:
     return loaded
 
 
-def load_pretrained(trainer: Trainer, state: dict, path: str, loaded: dict | None = None) -> dict:
-    """Replace the parameters the pretrained files provide (UNet, VAE, CLIP; per task) in a freshly created
-    state, placed directly into their shards, and rebuild the optimizer state (and EMA) from them. `loaded`:
-    `read_pretrained(trainer, path)`, read here when not given."""
+def pretrained_state(trainer: Trainer, rng: jax.Array, path: str, loaded: dict | None = None) -> dict:
+    """A fresh train state whose parameters that the pretrained files provide (UNet, VAE, CLIP; per task) hold the
+    files' values, placed directly into their shards, and whose other parameters and batch statistics are those a
+    scratch start with `rng` gives them (trainer.create_state); the optimizer state (and EMA) is built from these.
+
+    The initialiser compiles and runs for the drawn parameters only: it returns nothing else, so XLA drops the draws
+    the files replace (for an SD-sized UNet, most of the initialiser's compile time and a second copy of the train
+    state in memory). `loaded`: `read_pretrained(trainer, path)`, read here when not given."""
     loaded = read_pretrained(trainer, path) if loaded is None else loaded
-    params = flatten_dict(trainer.info.merge(state["params"], state["frozen"]))
+    abstract = flatten_dict(trainer.info.merge(trainer.abstract_state["params"], trainer.abstract_state["frozen"]))
     shardings = flatten_dict(trainer.info.merge(trainer.state_shardings["params"], trainer.state_shardings["frozen"]))
+    drawn_paths = [p for p in abstract if p not in loaded]
+
+    def draw(rng):
+        variables = trainer.initial_variables(rng)
+        params = flatten_dict(variables["params"])
+        return [params[p] for p in drawn_paths], variables.get("batch_stats", {})
+
+    drawn, batch_stats = jax.jit(draw, out_shardings=([shardings[p] for p in drawn_paths],
+                                                      trainer.state_shardings["batch_stats"]))(rng)
+    params = dict(zip(drawn_paths, drawn))
     for p, value in loaded.items():
-        params[p] = parallel.place(np.asarray(value, params[p].dtype), shardings[p])
+        params[p] = parallel.place(np.asarray(value, abstract[p].dtype), shardings[p])
     make_state = jax.jit(trainer.state_from_variables, out_shardings=trainer.state_shardings)
-    return make_state(unflatten_dict(params), state["batch_stats"])
+    return make_state(unflatten_dict(params), batch_stats)

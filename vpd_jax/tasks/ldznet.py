@@ -98,7 +98,7 @@ class LDZNetTask(PhraseTask):
 
     def pretrained_params(self, unet: dict, vae: dict, text_encoder: dict | None
                           ) -> tuple[dict, Callable[[tuple[str, ...]], bool]]:
-        """For vpd_jax.run.start.load_pretrained: the parameter subtrees SD weights give (ZNet = the SD UNet with
+        """For vpd_jax.run.start.pretrained_state: the parameter subtrees SD weights give (ZNet = the SD UNet with
         conv_out sliced to channel 0; the frozen extractor = the same UNet; docs/reference.md, "ZNet initialisation"),
         and which parameters keep their initialisation (the head and the injection modules)."""
         m = self.config.model
