@@ -42,10 +42,10 @@ import pytest
 from flax.traverse_util import flatten_dict
 from jax.sharding import PartitionSpec as P
 
+from tests.helpers import tasks as tasks_helpers
 from tests.helpers.kill_seed import describe, kill_seed
 from tests.reference_models import save_pipeline, save_tiny_unet, save_tiny_vae, unet_diffusers_to_ldm
 from tests.run.test_optim import REFERENCE as REFERENCE_RULES, UNET_PREFIX
-from tests.test_configs import get_config
 from vpd_jax import parallel
 from vpd_jax.data import pipelines
 from vpd_jax.models import presets
@@ -63,7 +63,7 @@ from vpd_jax.weights import load_unet, load_vae
 from vpd_jax.weights.convert import torch_key_of
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = {"seg": "vpd_seg_ade20k.py", "depth": "vpd_depth_nyu.py", "refer": "vpd_refer.py"}
+CONFIGS = tasks_helpers.SMOKE_CONFIGS  # task -> config file
 SMOKE_STEPS = 4  # the smoke configs' total_steps; checkpoints every 2
 RUN_TIMEOUT = 1500  # seconds per subprocess; a cold compile under full load takes about 4 minutes
 
@@ -80,15 +80,8 @@ def data_dir(tmp_path_factory) -> str:
 
 
 def smoke_config(task: str, data_dir: str, **overrides):
-    config = get_config(CONFIGS[task], "smoke")
-    config.data.data_dir = data_dir
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    """The task's smoke config reading the session's dataset, with dotted-key overrides."""
+    return tasks_helpers.smoke_config(task, **{"data.data_dir": data_dir, **overrides})
 
 
 def read_state(workdir: Path, step: int) -> dict:
