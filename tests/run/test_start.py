@@ -8,8 +8,7 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from tests.helpers.tasks import smoke_config
-from tests.reference_models import save_pipeline, save_tiny_unet, save_tiny_vae
-from tests.run.test_train import TINY_SD_UNET, TINY_SD_VAE
+from tests.run.test_train import save_tiny_sd_root
 from tests.tasks.test_ldznet import tiny_config, TINY
 from vpd_jax import parallel
 from vpd_jax.run import checkpoint, start
@@ -62,9 +61,7 @@ def test_a_pretrained_start_holds_the_files_weights_and_a_scratch_starts_values_
     files provide are the files' (read_pretrained), every other parameter and the batch statistics are those a
     scratch start with the same seed and init_rng draws, bit for bit (pretrained_state draws only those), and the
     optimizer state is built from the result as for any fresh state."""
-    root = str(tmp_path / "sd")
-    save_pipeline(root, unet=save_tiny_unet(f"{root}/unet", TINY_SD_UNET, seed=3),
-                  vae=save_tiny_vae(f"{root}/vae", seed=4, **TINY_SD_VAE))
+    root = save_tiny_sd_root(str(tmp_path / "sd"))
     config = smoke_config("seg", init=root, **{"model.arch": "init"})
     task = make_task(config, resolve_architecture(config))
     mesh = parallel.make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, jax.devices()[:2])

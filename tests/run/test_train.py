@@ -706,14 +706,17 @@ def relu_margin(task, trainer) -> Callable[[dict, dict, dict], float]:
     return margin
 
 
-@pytest.fixture(scope="module")
-def sd_root(tmp_path_factory) -> str:
+def save_tiny_sd_root(root: str) -> str:
     """A diffusers pipeline root (unet/, vae/, model_index.json) with the tiny preset's shapes, safetensors."""
-    root = str(tmp_path_factory.mktemp("tiny_sd"))
     unet = save_tiny_unet(os.path.join(root, "unet"), TINY_SD_UNET, seed=3)
     vae = save_tiny_vae(os.path.join(root, "vae"), seed=4, **TINY_SD_VAE)
     save_pipeline(root, unet=unet, vae=vae)
     return root
+
+
+@pytest.fixture(scope="module")
+def sd_root(tmp_path_factory) -> str:
+    return save_tiny_sd_root(str(tmp_path_factory.mktemp("tiny_sd")))
 
 
 @pytest.mark.slow
